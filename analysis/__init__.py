@@ -1,0 +1,1 @@
+"""Channel analysis: channel-equivalence groups from one table of op rules."""

@@ -1,0 +1,719 @@
+"""How each ONNX op touches channels: one rule per op, collected in `RULES`.
+
+A rule reads the `Layout`s of a node's inputs from the `Context` and writes its outputs' layouts; it ties
+channels that must go together, records weight slices (`ctx.member`) and shape integers (`ctx.shape_edit`)
+that follow channels, and freezes what it cannot follow.  An op missing from the table is never guessed at:
+`block` freezes every channel that reaches it.  Adding an op is adding one entry.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_prune.analysis.channels import Context, Elem, subgraph_reads
+
+INT64_MAX = 2**63 - 1
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _norm(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _what(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} node '{node.name}'"
+
+
+def _static(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+# --- the default: anything not understood freezes the channels that reach it
+
+def block(ctx: Context, node: onnx.NodeProto, why: str = "") -> None:
+    reason = f"{_what(node)} {why or 'is not understood by any channel rule'}"
+    for name in node.input:
+        if name:
+            ctx.freeze_tensor(name, reason)
+
+
+def freeze_outer_scope_uses(ctx: Context, node: onnx.NodeProto) -> None:
+    """Tensors an If/Loop/Scan body reads from the enclosing graph cannot change shape."""
+    for name in sorted(subgraph_reads(node)):
+        ctx.freeze_tensor(name, f"read inside a subgraph of {_what(node)}")
+
+
+def apply_rule(ctx: Context, node: onnx.NodeProto) -> None:
+    if node.domain not in ("", "ai.onnx"):
+        block(ctx, node, f"is a custom op of domain '{node.domain}'")
+        return
+    RULES.get(node.op_type, block)(ctx, node)
+
+
+# --- shape vectors: the 1-D int tensors that Shape produces and Reshape/Resize consume
+
+def shapevec(ctx: Context, node: onnx.NodeProto, index: int) -> list[Elem] | None:
+    """The tracked elements of a shape-like input: computed from Shape, or a small int constant."""
+    name = node.input[index] if index < len(node.input) else ""
+    if name in ctx.shapevecs:
+        return ctx.shapevecs[name]
+    value = ctx.const(name)
+    if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
+        return None
+    return [Elem("const", int(v), (node.name, index, i)) for i, v in enumerate(value.reshape(-1))]
+
+
+def shape_rule(ctx: Context, node: onnx.NodeProto) -> None:
+    data = node.input[0]
+    dims, lay = ctx.dims(data), ctx.layout(data)
+    if dims is None:
+        ctx.freeze_tensor(data, f"{_what(node)} reads a shape that could not be inferred")
+        return
+    elems = []
+    for i, d in enumerate(dims):
+        if lay is not None and i == lay.axis:
+            elems.append(Elem("chan", len(lay.ids), ids=lay.ids))
+        else:
+            elems.append(Elem("other", d if isinstance(d, int) else (1 if i == 0 else None)))
+    start, end = attr(node, "start", 0), attr(node, "end", None)
+    ctx.shapevecs[node.output[0]] = elems[start:end]
+
+
+def _shapevec_gather(ctx: Context, node: onnx.NodeProto) -> None:
+    elems, idx = ctx.shapevecs[node.input[0]], ctx.const(node.input[1])
+    if idx is None or attr(node, "axis", 0) != 0:
+        block(ctx, node, "gathers from a shape with indices that are not constant")
+        return
+    ctx.shapevecs[node.output[0]] = [elems[int(i)] for i in idx.reshape(-1)]
+
+
+def _shapevec_slice(ctx: Context, node: onnx.NodeProto) -> None:
+    elems = ctx.shapevecs[node.input[0]]
+    bounds = [ctx.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+    starts, ends, _axes, steps = bounds
+    if starts is None or ends is None:
+        block(ctx, node, "slices a shape with bounds that are not constant")
+        return
+    step = int(steps[0]) if steps is not None else 1
+    ctx.shapevecs[node.output[0]] = elems[slice(int(starts[0]), int(min(ends[0], INT64_MAX)), step)]
+
+
+def _shapevec_passthrough(ctx: Context, node: onnx.NodeProto) -> None:
+    ctx.shapevecs[node.output[0]] = ctx.shapevecs[node.input[0]]
+
+
+def _shapevec_arith(ctx: Context, node: onnx.NodeProto) -> None:
+    """Arithmetic on shape elements: the result is no longer a channel count we could rewrite."""
+    for name in node.input:
+        ctx.freeze_tensor(name, f"channel count used in arithmetic by {_what(node)}")
+    vecs = [shapevec(ctx, node, i) for i in range(len(node.input))]
+    if all(v is not None for v in vecs) and len({len(v) for v in vecs} - {1}) <= 1:
+        n = max(len(v) for v in vecs)
+        ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
+        op = ops.get(node.op_type)
+        values = []
+        for k in range(n):
+            args = [v[k if len(v) > 1 else 0].value for v in vecs]
+            values.append(int(op(*args)) if op is not None and None not in args and 0 not in args[1:] else None)
+        ctx.shapevecs[node.output[0]] = [Elem("other", v) for v in values]
+
+
+def _has_shapevec_input(ctx: Context, node: onnx.NodeProto) -> bool:
+    return any(name in ctx.shapevecs for name in node.input if name)
+
+
+# --- elementwise ops: unary pass-through and broadcasting binary ops that tie channels
+
+def elementwise(ctx: Context, node: onnx.NodeProto) -> None:
+    """Output channels = input channels; inputs meeting on the same axis are tied position by position."""
+    if not any(ctx.layout(n) for n in node.input):
+        if _has_shapevec_input(ctx, node):
+            (_shapevec_passthrough if len(node.input) == 1 or node.op_type in ("Cast", "Identity")
+             else _shapevec_arith)(ctx, node)
+        return
+    out = node.output[0]
+    ranks = [len(ctx.dims(n)) if n and ctx.dims(n) is not None else None for n in node.input]
+    out_dims = ctx.dims(out)
+    out_rank = len(out_dims) if out_dims is not None else max((r for r in ranks if r is not None), default=None)
+    laid = [(i, n, ctx.layout(n)) for i, n in enumerate(node.input) if ctx.layout(n) is not None]
+    if out_rank is None or any(ranks[i] is None for i, _, _ in laid):
+        block(ctx, node, "has inputs of unknown rank")
+        return
+    axes = {lay.axis + out_rank - ranks[i] for i, _, lay in laid}
+    if len(axes) > 1:
+        block(ctx, node, "combines tensors whose channels lie on different axes")
+        return
+    axis = axes.pop()
+    size = max(len(lay.ids) for _, _, lay in laid)
+    ref = next(lay.ids for _, _, lay in laid if len(lay.ids) == size)
+    for _, name, lay in laid:
+        if len(lay.ids) == size:
+            ctx.tie(ref, lay.ids)
+        else:  # a single channel broadcast over all of them
+            ctx.freeze(lay.ids, f"broadcast across channels by {_what(node)}")
+    for i, name in enumerate(node.input):
+        if not name or ctx.layout(name) is not None:
+            continue
+        dims = ctx.dims(name)
+        if dims is None:
+            ctx.freeze(ref, f"{_what(node)} combines channels with '{name}' of unknown shape")
+            continue
+        k = axis - (out_rank - len(dims))
+        if k < 0 or dims[k] == 1:
+            continue  # broadcast along the channel axis: nothing to slice
+        if ctx.is_const(name) and dims[k] == size:
+            ctx.member("carrier", node, i, k, ref)  # per-channel constant (bias, scale, PRelu slope)
+        else:
+            ctx.freeze(ref, f"{_what(node)} combines channels with '{name}', which no rule tracks")
+    ctx.set_layout(out, axis, ref)
+
+
+# --- producers and consumers
+
+def conv(ctx: Context, node: onnx.NodeProto) -> None:
+    x, w = node.input[0], node.input[1]
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if not ctx.is_const(w) or (has_bias and not ctx.is_const(node.input[2])):
+        block(ctx, node, "has weights that are not constant")
+        return
+    n_out, in_per_group = ctx.dims(w)[:2]
+    group = attr(node, "group", 1)
+    lay = ctx.layout(x)
+    if lay is not None and lay.axis != 1:
+        ctx.freeze(lay.ids, f"{_what(node)} reads channels on axis 1, not axis {lay.axis}")
+        lay = None
+    n_in = in_per_group * group
+
+    def produce(ids):
+        ctx.member("producer", node, 1, 0, ids)
+        if has_bias:
+            ctx.member("producer", node, 2, 0, ids)
+
+    if group == 1:
+        if lay is not None:
+            ctx.member("consumer", node, 1, 1, lay.ids)
+        out = ctx.fresh(n_out)
+        produce(out)
+    elif group == n_in and in_per_group == 1:  # depthwise: carries its input channels through
+        mult = n_out // group
+        if lay is None:
+            out = ctx.fresh_frozen(n_out, f"{_what(node)} is depthwise over channels no rule tracks")
+            produce(out)
+        else:
+            out = np.repeat(lay.ids, mult)
+            ctx.member("carrier", node, 1, 0, out)
+            if has_bias:
+                ctx.member("carrier", node, 2, 0, out)
+            ctx.shape_edit(("attr", node.name, "group", 0), lay.ids)
+    else:  # grouped: the same in-group positions go in every group, so `group` stays
+        if lay is not None:
+            per_group = lay.ids.reshape(group, in_per_group)
+            for g in range(1, group):
+                ctx.tie(per_group[0], per_group[g])
+            ctx.member("consumer", node, 1, 1, per_group[0])
+        out_per_group = n_out // group
+        out = np.tile(ctx.fresh(out_per_group), group)
+        produce(out)
+    ctx.set_layout(node.output[0], 1, out)
+
+
+def conv_transpose(ctx: Context, node: onnx.NodeProto) -> None:
+    w = node.input[1]
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if attr(node, "group", 1) != 1 or not ctx.is_const(w) or (has_bias and not ctx.is_const(node.input[2])):
+        block(ctx, node, "is grouped or has weights that are not constant")
+        return
+    lay = ctx.layout(node.input[0])
+    if lay is not None:
+        if lay.axis != 1:
+            block(ctx, node, f"reads channels on axis 1, not axis {lay.axis}")
+            return
+        ctx.member("consumer", node, 1, 0, lay.ids)
+    out = ctx.fresh(ctx.dims(w)[1])
+    ctx.member("producer", node, 1, 1, out)
+    if has_bias:
+        ctx.member("producer", node, 2, 0, out)
+    ctx.set_layout(node.output[0], 1, out)
+
+
+def gemm(ctx: Context, node: onnx.NodeProto) -> None:
+    a, b = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if not ctx.is_const(b) or attr(node, "transA", 0) or (bias and not ctx.is_const(bias)):
+        block(ctx, node, "has a weight that is not constant or a transposed input")
+        return
+    trans_b = attr(node, "transB", 0)
+    lay = ctx.layout(a)
+    if lay is not None:
+        if lay.axis != 1:
+            block(ctx, node, "reads channels on its batch axis")
+            return
+        ctx.member("consumer", node, 1, 1 if trans_b else 0, lay.ids)
+    n_out = ctx.dims(b)[0 if trans_b else 1]
+    out = ctx.fresh(n_out)
+    ctx.member("producer", node, 1, 0 if trans_b else 1, out)
+    if bias:
+        bias_dims = ctx.dims(bias)
+        if bias_dims and bias_dims[-1] == n_out and all(d == 1 for d in bias_dims[:-1]):
+            ctx.member("producer", node, 2, len(bias_dims) - 1, out)
+        elif bias_dims and bias_dims[-1] != 1:
+            ctx.freeze(out, f"{_what(node)} has a bias of shape {bias_dims}")
+    ctx.set_layout(node.output[0], 1, out)
+
+
+def matmul(ctx: Context, node: onnx.NodeProto) -> None:
+    a, b = node.input
+    a_dims = ctx.dims(a)
+    if not ctx.is_const(b) or len(ctx.dims(b)) != 2 or a_dims is None or len(a_dims) < 2:
+        block(ctx, node, "multiplies tensors that are not (activation, 2-D constant weight)")
+        return
+    lay = ctx.layout(a)
+    last = len(a_dims) - 1
+    if lay is not None and lay.axis != last:  # channels on a row axis ride along unchanged
+        ctx.set_layout(node.output[0], lay.axis, lay.ids)
+        return
+    if lay is not None:
+        ctx.member("consumer", node, 1, 0, lay.ids)
+    out = ctx.fresh(ctx.dims(b)[1])
+    ctx.member("producer", node, 1, 1, out)
+    ctx.set_layout(node.output[0], last, out)
+
+
+# --- per-channel ops that keep channels on axis 1
+
+def _nchw_passthrough(ctx: Context, node: onnx.NodeProto, carried_inputs: range = range(0)) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    if lay.axis != 1:
+        block(ctx, node, f"works on axis 1 but the channels are on axis {lay.axis}")
+        return
+    for i in carried_inputs:
+        if i < len(node.input) and node.input[i]:
+            if not ctx.is_const(node.input[i]):
+                block(ctx, node, f"has a per-channel input '{node.input[i]}' that is not constant")
+                return
+            ctx.member("carrier", node, i, 0, lay.ids)
+    ctx.set_layout(node.output[0], 1, lay.ids)
+
+
+def pool(ctx: Context, node: onnx.NodeProto) -> None:
+    if len(node.output) > 1 and node.output[1]:
+        block(ctx, node, "returns indices that depend on the channel count")
+        return
+    _nchw_passthrough(ctx, node)
+
+
+def batch_norm(ctx: Context, node: onnx.NodeProto) -> None:
+    _nchw_passthrough(ctx, node, range(1, 5))
+
+
+def instance_norm(ctx: Context, node: onnx.NodeProto) -> None:
+    _nchw_passthrough(ctx, node, range(1, 3))
+
+
+def _along_axis_ok(ctx: Context, node: onnx.NodeProto, mixes: Callable[[int, int], bool]) -> None:
+    """Pass channels through unless the op mixes values along the channel axis (`mixes(axis, rank)`)."""
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    if not rank or mixes(lay.axis, rank):
+        block(ctx, node, "mixes values across channels")
+        return
+    ctx.set_layout(node.output[0], lay.axis, lay.ids)
+
+
+def softmax(ctx: Context, node: onnx.NodeProto) -> None:
+    default = -1 if ctx.opset >= 13 else 1
+    axis = attr(node, "axis", default)
+    if ctx.opset >= 13:
+        _along_axis_ok(ctx, node, lambda a, r: _norm(axis, r) == a)
+    else:  # before opset 13 the input is coerced to 2-D at `axis`
+        _along_axis_ok(ctx, node, lambda a, r: _norm(axis, r) <= a)
+
+
+def layer_norm(ctx: Context, node: onnx.NodeProto) -> None:
+    axis = attr(node, "axis", -1)
+    _along_axis_ok(ctx, node, lambda a, r: a >= _norm(axis, r))
+
+
+def lp_norm(ctx: Context, node: onnx.NodeProto) -> None:
+    axis = attr(node, "axis", -1)
+    _along_axis_ok(ctx, node, lambda a, r: _norm(axis, r) == a)
+
+
+def reduce(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        if _has_shapevec_input(ctx, node):
+            block(ctx, node, "reduces a shape")
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.const(node.input[1])
+        if axes is None:
+            block(ctx, node, "reduces over axes that are not constant")
+            return
+    if axes is None or len(axes) == 0:
+        if attr(node, "noop_with_empty_axes", 0):
+            ctx.set_layout(node.output[0], lay.axis, lay.ids)
+        else:
+            block(ctx, node, "reduces over every axis, channels included")
+        return
+    axes = [_norm(int(a), rank) for a in np.reshape(axes, -1)]
+    if lay.axis in axes:
+        block(ctx, node, "reduces over the channel axis")
+        return
+    keep = attr(node, "keepdims", 1)
+    ctx.set_layout(node.output[0], lay.axis if keep else lay.axis - sum(a < lay.axis for a in axes), lay.ids)
+
+
+def arg_reduce(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    axis = _norm(attr(node, "axis", 0), rank)
+    if axis == lay.axis:
+        block(ctx, node, "returns indices along the channel axis")
+        return
+    keep = attr(node, "keepdims", 1)
+    ctx.set_layout(node.output[0], lay.axis if keep or lay.axis < axis else lay.axis - 1, lay.ids)
+
+
+# --- ops that cut and join along an axis
+
+def concat(ctx: Context, node: onnx.NodeProto) -> None:
+    laid = [ctx.layout(n) for n in node.input]
+    if not any(laid):
+        if _has_shapevec_input(ctx, node):
+            vecs = [shapevec(ctx, node, i) for i in range(len(node.input))]
+            if any(v is None for v in vecs):
+                block(ctx, node, "joins shape values that are not tracked")
+                return
+            ctx.shapevecs[node.output[0]] = [e for v in vecs for e in v]
+        return
+    rank = len(ctx.dims(node.output[0]) or ctx.dims(next(n for n, l in zip(node.input, laid) if l)) or [])
+    axis = _norm(attr(node, "axis"), rank)
+    lay_axes = {lay.axis for lay in laid if lay is not None}
+    if len(lay_axes) > 1:
+        block(ctx, node, "joins tensors whose channels lie on different axes")
+        return
+    lay_axis = lay_axes.pop()
+    if axis != lay_axis:  # joining along another axis ties the channels like an elementwise op
+        elementwise(ctx, node)
+        return
+    parts = []
+    for name, lay in zip(node.input, laid):
+        if lay is not None:
+            parts.append(lay.ids)
+            continue
+        dims = ctx.dims(name)
+        if dims is None or not isinstance(dims[axis], int):
+            block(ctx, node, f"joins '{name}', whose channel count is unknown")
+            return
+        parts.append(ctx.fresh_frozen(dims[axis], f"{_what(node)} joins them with '{name}', which no rule tracks"))
+    ctx.set_layout(node.output[0], axis, np.concatenate(parts))
+
+
+def split(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        if _has_shapevec_input(ctx, node):
+            block(ctx, node, "splits a shape")
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    axis = _norm(attr(node, "axis", 0), rank)
+    outputs = list(node.output)
+    if axis != lay.axis:
+        for out in outputs:
+            ctx.set_layout(out, lay.axis, lay.ids)
+        return
+    size = len(lay.ids)
+    if len(node.input) > 1 and node.input[1]:
+        sizes = ctx.const(node.input[1])
+        if sizes is None:
+            block(ctx, node, "splits channels by sizes that are not constant")
+            return
+        sizes = [int(s) for s in sizes]
+    elif attr(node, "split") is not None:
+        sizes = list(attr(node, "split"))
+    else:  # equal parts, the last one smaller if it must be (opset 18 num_outputs)
+        n = len(outputs)
+        chunk = -(-size // n)
+        sizes = [min(chunk, size - k * chunk) for k in range(n)]
+    bounds = np.cumsum([0] + sizes)
+    for k, out in enumerate(outputs):
+        part = lay.ids[bounds[k]:bounds[k + 1]]
+        ctx.set_layout(out, axis, part)
+        ctx.shape_edit(("split", node.name, k), part)
+
+
+def _slice_params(ctx: Context, node: onnx.NodeProto):
+    names = list(node.input[1:5]) + [""] * (5 - len(node.input))
+    values = [ctx.const(n) if n else None for n in names]
+    missing = [n for n, v in zip(names, values) if n and v is None]
+    return values, missing
+
+
+def slice_(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        if node.input[0] in ctx.shapevecs:
+            _shapevec_slice(ctx, node)
+        return
+    (starts, ends, axes, steps), missing = _slice_params(ctx, node)
+    rank = len(ctx.dims(node.input[0]) or [])
+    if starts is None or ends is None or missing:
+        block(ctx, node, "slices with bounds that are not constant")
+        return
+    axes = [_norm(int(a), rank) for a in (axes if axes is not None else range(len(starts)))]
+    if lay.axis not in axes:
+        ctx.set_layout(node.output[0], lay.axis, lay.ids)
+        return
+    k = axes.index(lay.axis)
+    if steps is not None and int(steps[k]) != 1:
+        block(ctx, node, "slices channels with a step other than 1")
+        return
+    size = len(lay.ids)
+    start, end = (int(np.clip(v + size if v < 0 else v, 0, size)) for v in (int(starts[k]), int(ends[k])))
+    ctx.shape_edit(("input", node.name, 1, k), lay.ids[:start])
+    ctx.shape_edit(("input", node.name, 2, k), lay.ids[:end])
+    ctx.set_layout(node.output[0], lay.axis, lay.ids[start:end])
+
+
+def gather(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        if node.input[0] in ctx.shapevecs:
+            _shapevec_gather(ctx, node)
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    axis = _norm(attr(node, "axis", 0), rank)
+    idx_dims = ctx.dims(node.input[1])
+    if axis == lay.axis or idx_dims is None:
+        block(ctx, node, "selects channels by index")
+        return
+    out_axis = lay.axis if lay.axis < axis else lay.axis - 1 + len(idx_dims)
+    ctx.set_layout(node.output[0], out_axis, lay.ids)
+
+
+def pad(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    pads = ctx.const(node.input[1]) if len(node.input) > 1 else attr(node, "pads")
+    rank = len(ctx.dims(node.input[0]) or [])
+    axes_in = ctx.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if pads is None or (len(node.input) > 3 and node.input[3] and axes_in is None):
+        block(ctx, node, "pads by amounts that are not constant")
+        return
+    axes = [_norm(int(a), rank) for a in axes_in] if axes_in is not None else list(range(rank))
+    pads = [int(p) for p in np.reshape(pads, -1)]
+    if lay.axis not in axes:
+        ctx.set_layout(node.output[0], lay.axis, lay.ids)
+        return
+    k = axes.index(lay.axis)
+    before, after = pads[k], pads[k + len(axes)]
+    if before == after == 0:
+        ctx.set_layout(node.output[0], lay.axis, lay.ids)
+        return
+    if before < 0 or after < 0 or attr(node, "mode", b"constant") not in (b"constant", "constant"):
+        block(ctx, node, "crops or reflects along the channel axis")
+        return
+    reason = f"padding channel added by {_what(node)}"
+    ids = np.concatenate([ctx.fresh_frozen(before, reason), lay.ids, ctx.fresh_frozen(after, reason)])
+    ctx.set_layout(node.output[0], lay.axis, ids)
+
+
+def transpose(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    perm = list(attr(node, "perm", list(range(rank))[::-1]))
+    ctx.set_layout(node.output[0], perm.index(lay.axis), lay.ids)
+
+
+def resize(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        return
+    rank = len(ctx.dims(node.input[0]) or [])
+    axes = attr(node, "axes", None)
+    axes = [_norm(a, rank) for a in axes] if axes is not None else list(range(rank))
+    if lay.axis in axes:
+        k = axes.index(lay.axis)
+        scales = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        sizes = shapevec(ctx, node, 3) if len(node.input) > 3 and node.input[3] else None
+        if len(node.input) > 3 and node.input[3]:
+            if sizes is None or not _keeps_count(ctx, sizes[k], lay.ids):
+                block(ctx, node, "resizes to a channel count it computes in a way no rule follows")
+                return
+        elif scales is None or float(scales[k]) != 1.0:
+            block(ctx, node, "scales the channel axis")
+            return
+    ctx.set_layout(node.output[0], lay.axis, lay.ids)
+
+
+def _keeps_count(ctx: Context, elem: Elem, ids: np.ndarray) -> bool:
+    """Can this shape element be kept equal to the number of kept positions among `ids`?"""
+    if elem.kind == "chan":
+        return np.array_equal(elem.ids, ids)
+    if elem.kind == "const" and elem.source is not None and elem.value is not None:
+        if elem.value != -1:
+            node, index, element = elem.source
+            ctx.shape_edit(("input", node, index, element), ids)
+        return True
+    return False
+
+
+# --- ops that only move data around: push channel positions through them with numpy
+
+def _numpy_reshape(ctx: Context, node: onnx.NodeProto, positions: np.ndarray) -> np.ndarray | None:
+    op = node.op_type
+    if op == "Flatten":
+        axis = _norm(attr(node, "axis", 1), positions.ndim)
+        return positions.reshape(int(np.prod(positions.shape[:axis])), -1)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = ctx.const(node.input[1])
+            if axes is None:
+                return None
+        if op == "Squeeze":
+            axes = tuple(_norm(int(a), positions.ndim) for a in axes) if axes is not None else None
+            return np.squeeze(positions, axis=axes)
+        out_rank = positions.ndim + len(axes)
+        return np.expand_dims(positions, tuple(sorted(_norm(int(a), out_rank) for a in axes)))
+    target = shapevec(ctx, node, 1)
+    if target is None or any(e.value is None for e in target):
+        return None
+    dims = [e.value for e in target]
+    if not attr(node, "allowzero", 0):
+        dims = [positions.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    try:
+        return positions.reshape(dims)
+    except ValueError:  # a batch we set to 1 does not fit the target: give up rather than guess
+        return None
+
+
+def _channel_axis(positions: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
+    """The axis along which channel positions can be removed, and the positions at each of its indices.
+
+    Either the positions vary along one axis only (a channel may repeat along it: Flatten's block map), or
+    every index of an axis holds a set of positions that no other index holds (a channel shuffle's
+    intermediate tensor): then removing an index removes the whole set.  The longest such axis wins.
+    """
+    single, partition = None, None
+    for axis in range(positions.ndim):
+        rows = np.moveaxis(positions, axis, 0).reshape(positions.shape[axis], -1)
+        if (rows == rows[:, :1]).all():
+            if single is None or rows.shape[0] > len(single[1]):
+                single = (axis, [r[:1] for r in rows])
+            continue
+        uniques = [np.unique(r) for r in rows]
+        flat = np.concatenate(uniques)
+        if len(flat) == len(np.unique(flat)) and (partition is None or len(uniques) > len(partition[1])):
+            partition = (axis, uniques)
+    return single or partition
+
+
+def reshape(ctx: Context, node: onnx.NodeProto) -> None:
+    lay = ctx.layout(node.input[0])
+    if lay is None:
+        if node.input[0] in ctx.shapevecs and node.op_type in ("Squeeze", "Unsqueeze", "Reshape", "Flatten"):
+            _shapevec_passthrough(ctx, node)
+        return
+    in_dims = ctx.dims(node.input[0])
+    out_dims = ctx.dims(node.output[0])
+    if in_dims is None:
+        block(ctx, node, "reshapes a tensor of unknown shape")
+        return
+    shape = [1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(in_dims)]
+    if not _static(shape):
+        block(ctx, node, "reshapes a tensor with dynamic dimensions")
+        return
+    size = len(lay.ids)
+    index_shape = [1] * len(shape)
+    index_shape[lay.axis] = size
+    positions = np.broadcast_to(np.arange(size).reshape(index_shape), shape)
+    moved = _numpy_reshape(ctx, node, positions)
+    found = _channel_axis(moved) if moved is not None else None
+    if found is None or out_dims is None or not isinstance(out_dims[found[0]], int):
+        block(ctx, node, "reshapes channels in a way that cannot be followed")
+        return
+    axis, rows = found
+    for row in rows:
+        if len(row) > 1:
+            ctx.tie(np.full(len(row) - 1, lay.ids[row[0]]), lay.ids[row[1:]])
+    out_ids = lay.ids[[row[0] for row in rows]]
+    if node.op_type == "Reshape" and not _reshape_target_follows(ctx, node, axis, out_ids, lay):
+        block(ctx, node, "has a target shape whose channel entry cannot be rewritten")
+        return
+    ctx.set_layout(node.output[0], axis, out_ids)
+
+
+def _reshape_target_follows(ctx: Context, node: onnx.NodeProto, axis: int, out_ids, lay) -> bool:
+    target = shapevec(ctx, node, 1)
+    if any(e.kind == "chan" for k, e in enumerate(target) if k != axis):
+        return False
+    elem = target[axis]
+    if elem.kind == "const" and elem.value == 0 and not attr(node, "allowzero", 0):
+        return axis == lay.axis and len(out_ids) == len(lay.ids)  # copies the input's channel dim
+    return _keeps_count(ctx, elem, out_ids)
+
+
+UNARY = """Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Clip Elu Selu Celu Softplus Softsign Mish Gelu
+    Erf Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Not Dropout Identity Cast CastLike
+    ThresholdedRelu IsNaN IsInf Shrink""".split()
+BINARY = "Add Sub Mul Div Max Min Sum Mean Pow Where Equal Less Greater LessOrEqual GreaterOrEqual And Or Xor".split()
+POOLS = "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()
+REDUCES = """ReduceMean ReduceMax ReduceMin ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp
+    ReduceSumSquare""".split()
+
+RULES: dict[str, Callable[[Context, onnx.NodeProto], None]] = {
+    # produce (and consume): new channels on the output
+    "Conv": conv,
+    "ConvTranspose": conv_transpose,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    # pass: channels unchanged (constant per-channel inputs become carriers)
+    **{op: elementwise for op in UNARY},
+    **{op: pool for op in POOLS},
+    "BatchNormalization": batch_norm,
+    "InstanceNormalization": instance_norm,
+    "LayerNormalization": layer_norm,
+    "LpNormalization": lp_norm,
+    "Softmax": softmax, "LogSoftmax": softmax, "Hardmax": softmax,
+    **{op: reduce for op in REDUCES},
+    "ArgMax": arg_reduce, "ArgMin": arg_reduce,
+    "Resize": resize,
+    "Pad": pad,
+    # unify: broadcasting binary ops tie channels position by position
+    **{op: elementwise for op in BINARY},
+    # concat / split: composite spaces with offsets
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_,
+    "Gather": gather,
+    # reshape: positions pushed through with numpy
+    "Transpose": transpose,
+    "Reshape": reshape,
+    "Flatten": reshape,
+    "Squeeze": reshape,
+    "Unsqueeze": reshape,
+    # shape values: tracked so that computed Reshape/Resize targets stay consistent
+    "Shape": shape_rule,
+}

@@ -1,0 +1,12 @@
+"""onnx-prune: structured channel pruning of ONNX CNNs.
+
+    import onnx_prune
+    model, report = onnx_prune.prune("in.onnx", ratio=0.3)
+    onnx_prune.save(model, "out.onnx")
+"""
+from onnx_prune.errors import PruneError
+from onnx_prune.pipeline import AnalysisReport, PruneReport, analyze, prepare, prune
+from onnx_prune.runtime.io import load, save
+
+__version__ = "0.1.0"
+__all__ = ["prune", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "AnalysisReport"]

@@ -1,0 +1,1 @@
+"""Graph passes: each a small class whose call returns PassResult(model, modified)."""

@@ -1,0 +1,96 @@
+"""Normalise how converters store weights so that analysis sees one form.
+
+- `Constant` nodes holding tensors become initializers (Paddle and some TF converters emit them).
+- `Identity` of an initializer is bypassed (the dynamo exporter and others emit them for tied weights).
+- Every node gets a unique name, because plans and reports refer to nodes by name.
+
+Requires: a model that passed onnx.checker.  Ensures: the same function, graph outputs unchanged.
+"""
+from __future__ import annotations
+
+from onnx import helper, numpy_helper
+import numpy as np
+import onnx
+
+from onnx_prune.passes.base import PassResult, copy_model
+
+_SCALAR_ATTRS = {
+    "value_float": np.float32, "value_int": np.int64,
+    "value_floats": np.float32, "value_ints": np.int64,
+}
+
+
+def _constant_tensor(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = name
+            return tensor
+        if attr.name in _SCALAR_ATTRS:
+            value = helper.get_attribute_value(attr)
+            return numpy_helper.from_array(np.asarray(value, dtype=_SCALAR_ATTRS[attr.name]), name)
+    return None  # sparse or string constants stay as nodes
+
+
+class NormalizeWeightsPass:
+    """Constants to initializers, Identity-of-weight bypassed, unique node names."""
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        model = copy_model(model)
+        graph = model.graph
+        outputs = {o.name for o in graph.output}
+        initializers = {t.name for t in graph.initializer}
+        rename: dict[str, str] = {}
+        kept = []
+        modified = False
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                node.input[i] = rename.get(name, name)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+                tensor = _constant_tensor(node, node.output[0])
+                if tensor is not None:
+                    graph.initializer.append(tensor)
+                    initializers.add(tensor.name)
+                    modified = True
+                    continue
+            if (node.op_type == "Identity" and node.input[0] in initializers
+                    and node.output[0] not in outputs):
+                rename[node.output[0]] = node.input[0]
+                modified = True
+                continue
+            kept.append(node)
+        if modified:
+            del graph.node[:]
+            graph.node.extend(kept)
+            _rename_in_subgraphs(graph, rename)
+        modified |= _name_nodes(graph)
+        return PassResult(model, modified)
+
+
+def _rename_in_subgraphs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    if not rename:
+        return
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                for inner in sub.node:
+                    for i, name in enumerate(inner.input):
+                        inner.input[i] = rename.get(name, name)
+                _rename_in_subgraphs(sub, rename)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> bool:
+    """Give unnamed or duplicate-named nodes a deterministic unique name."""
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            changed = True
+        seen.add(node.name)
+    return changed

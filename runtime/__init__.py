@@ -1,0 +1,1 @@
+"""Loading, saving, validating and benchmarking models with onnxruntime."""

@@ -1,0 +1,222 @@
+"""MACs and parameter counts read from the graph, without running it.
+
+MACs are counted for Conv, ConvTranspose, Gemm and MatMul (bias additions are not
+MACs); every other op counts 0. Only the main graph's nodes are counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .sessions import input_specs, model_without_initializers, resolve_input_shapes, value_dims
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
+# Initializers above this size lose their data in the copy used for shape inference:
+# inference only needs the data of small shape-like tensors (Reshape targets, Slice starts).
+_INFERENCE_DATA_LIMIT_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    op_type: str
+    macs: int
+    params: int  # elements of the float weights this node reads (shared weights count at each reader)
+
+
+@dataclass
+class Cost:
+    macs: int
+    params: int  # elements of the float initializers / Constant tensors read by any node, each once
+    per_node: dict[str, NodeCost]  # node name (or "<op_type>_<index>" when unnamed) -> cost
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON reports."""
+        return asdict(self)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return math.prod(tensor.dims) * itemsize
+
+
+def _inference_copy(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """The model with concrete input shapes and its large initializers turned into typed graph inputs.
+
+    Shape inference serialises the model it is given; without the weight data that is cheap,
+    and inference only reads the data of small shape-like tensors.
+    """
+    skeleton = model_without_initializers(model)
+    graph = skeleton.graph
+    large = [tensor for tensor in model.graph.initializer if _tensor_bytes(tensor) > _INFERENCE_DATA_LIMIT_BYTES]
+    large_names = {tensor.name for tensor in large}
+    graph.initializer.extend(
+        tensor for tensor in model.graph.initializer if tensor.name not in large_names
+    )
+    # Older IR versions also list initializers as graph inputs; those entries are replaced.
+    kept_inputs = [value for value in graph.input if value.name not in large_names]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)) for tensor in large
+    )
+    for value in graph.input:
+        if value.name in input_shapes:
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in input_shapes[value.name]:
+                shape.dim.add().dim_value = size
+    return skeleton
+
+
+def infer_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1
+) -> dict[str, tuple[int | str | None, ...]]:
+    """Shape of every tensor onnx shape inference can determine, with dynamic input dims fixed.
+
+    A dynamic leading input dim becomes `batch`; other dynamic dims come from
+    `input_shapes` (input name -> full shape); a missing one raises ValueError naming it.
+    """
+    fixed = resolve_input_shapes(input_specs(model), input_shapes, batch)
+    inferred = onnx.shape_inference.infer_shapes(_inference_copy(model, fixed), data_prop=True)
+    graph = inferred.graph
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        dims = value_dims(value)
+        if dims is not None:
+            shapes[value.name] = dims
+    return shapes
+
+
+def _float_weight_sizes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element count of each float tensor stored in the graph (initializers and Constant nodes)."""
+    sizes = {
+        tensor.name: math.prod(tensor.dims) for tensor in graph.initializer if tensor.data_type in _FLOAT_TYPES
+    }
+    for node in graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value" and attribute.t.data_type in _FLOAT_TYPES:
+                sizes[node.output[0]] = math.prod(attribute.t.dims)
+            elif attribute.name == "value_float":
+                sizes[node.output[0]] = 1
+            elif attribute.name == "value_floats":
+                sizes[node.output[0]] = len(attribute.floats)
+    return sizes
+
+
+def _consumed_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node, subgraphs (If/Loop/Scan bodies) included."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                names |= _consumed_names(subgraph)
+    return names
+
+
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((attribute.i for attribute in node.attribute if attribute.name == name), default)
+
+
+def _conv_macs(node, shape_of) -> int:
+    # Each output element is a dot product over W's [Cin/group, k...] slice.
+    return math.prod(shape_of(node.output[0])) * math.prod(shape_of(node.input[1])[1:])
+
+
+def _conv_transpose_macs(node, shape_of) -> int:
+    # Each input element scatters into W's [Cout/group, k...] slice.
+    return math.prod(shape_of(node.input[0])) * math.prod(shape_of(node.input[1])[1:])
+
+
+def _gemm_macs(node, shape_of) -> int:
+    a, b = shape_of(node.input[0]), shape_of(node.input[1])
+    m, k = (a[1], a[0]) if _int_attribute(node, "transA", 0) else (a[0], a[1])
+    n = b[0] if _int_attribute(node, "transB", 0) else b[1]
+    return m * k * n
+
+
+def _matmul_macs(node, shape_of) -> int:
+    a, b = list(shape_of(node.input[0])), list(shape_of(node.input[1]))
+    # numpy semantics: a 1-D operand is a row vector on the left, a column vector on the right.
+    a = [1, *a] if len(a) == 1 else a
+    b = [*b, 1] if len(b) == 1 else b
+    batch = np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
+    return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+_MAC_RULES = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}
+
+
+def _node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique name per node: its own, else "<op_type>_<index>"; repeats get "_<index>"."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if name in seen:
+            name = f"{name}_{index}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _static_shape(shapes: dict, node_label: str, tensor: str) -> tuple[int, ...]:
+    dims = shapes.get(tensor)
+    if dims is None or not all(isinstance(size, int) for size in dims):
+        raise ValueError(
+            f"cannot count MACs of {node_label}: shape of {tensor!r} is "
+            f"{'unknown' if dims is None else list(dims)} after shape inference; "
+            "give the dynamic input dims with input_shapes"
+        )
+    return dims
+
+
+def count_cost(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1) -> Cost:
+    """MACs and parameters of `model` at the given batch size.
+
+    Conv/ConvTranspose MACs = (output resp. input elements) * prod(W.shape[1:]) -- this
+    covers grouped and depthwise convs; Gemm = M*K*N honouring transA/transB; MatMul =
+    broadcast batch * M*K*N. Params = elements of float initializers and Constant tensors
+    that some node reads. Dynamic dims: see `infer_shapes`. Raises ValueError when a shape
+    a MAC count needs is still unknown.
+    """
+    shapes = infer_shapes(model, input_shapes, batch)
+    weight_sizes = _float_weight_sizes(model.graph)
+    per_node: dict[str, NodeCost] = {}
+    for name, node in zip(_node_names(model.graph), model.graph.node):
+        shape_of = functools.partial(_static_shape, shapes, f"{node.op_type} node {name!r}")
+        rule = _MAC_RULES.get(node.op_type)
+        macs = rule(node, shape_of) if rule and node.domain in ("", "ai.onnx") else 0
+        params = sum(weight_sizes.get(tensor, 0) for tensor in dict.fromkeys(node.input))
+        per_node[name] = NodeCost(node.op_type, macs, params)
+    consumed = _consumed_names(model.graph)
+    params = sum(size for tensor, size in weight_sizes.items() if tensor in consumed)
+    return Cost(sum(cost.macs for cost in per_node.values()), params, per_node)
+
+
+def _ratio(before: int, after: int) -> dict:
+    ratio = after / before if before else float("nan")
+    return {"before": before, "after": after, "ratio": ratio, "reduction": 1.0 - ratio}
+
+
+def cost_ratio(before: Cost, after: Cost) -> dict:
+    """{"macs": {...}, "params": {...}}, each with before, after, ratio (after/before) and
+    reduction (1 - ratio). The theoretical speed-up for `bench.compare_latency` is 1/ratio."""
+    return {"macs": _ratio(before.macs, after.macs), "params": _ratio(before.params, after.params)}

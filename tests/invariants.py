@@ -1,0 +1,107 @@
+"""The design's invariants as reusable checks: zero channels, duplicate channels, identity."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from onnx_prune.analysis.channels import Group
+from onnx_prune.passes.allocate import kept_count
+from onnx_prune.pipeline import Prepared
+
+ZERO_RATIO = 0.3
+
+
+def run(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.concatenate(outs) for outs in zip(*(session.run(None, f) for f in feeds))]
+
+
+def feeds_for(model: onnx.ModelProto, seed: int = 0, batch: int = 2, samples: int = 2) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for _ in range(samples):
+        feed = {}
+        for value in model.graph.input:
+            if value.name in inits:
+                continue
+            tensor_type = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+            if tensor_type.elem_type == onnx.TensorProto.BOOL:
+                feed[value.name] = np.array(True)
+            else:
+                feed[value.name] = rng.standard_normal(dims).astype(np.float32)
+        out.append(feed)
+    return out
+
+
+def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    return max(float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)) for r, c in zip(reference, candidate))
+
+
+def _edit_params(prepared: Prepared, edit) -> onnx.ModelProto:
+    """A copy of the prepared model with `edit(member, array, node) -> array` applied to group members."""
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    arrays: dict[str, np.ndarray] = {}
+    for group, member in edit.targets:
+        array = arrays.get(member.param)
+        if array is None:
+            array = numpy_helper.to_array(inits[member.param]).copy()
+        arrays[member.param] = edit(group, member, array, nodes[member.node])
+    for name, array in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    return model
+
+
+def zero_channels_choice(prepared: Prepared, seed: int = 0) -> dict[int, np.ndarray]:
+    """For every prunable group, the channels that uniform allocation at ZERO_RATIO removes: a random subset."""
+    rng = np.random.default_rng(seed)
+    chosen = {}
+    for group in prepared.analysis.prunable_groups:
+        n_remove = group.size - kept_count(group.size, ZERO_RATIO, 1, int(group.frozen.sum()))
+        if n_remove:
+            free = np.nonzero(~group.frozen)[0]
+            chosen[group.id] = np.sort(rng.choice(free, n_remove, replace=False))
+    return chosen
+
+
+def _keeps_value(member, node) -> bool:
+    """Parameters that must not be zeroed for a zero channel to stay zero (BN variance, divisors)."""
+    if node.op_type == "BatchNormalization" and member.param == node.input[4]:
+        return True
+    return node.op_type == "Div" and member.param == node.input[1]
+
+
+def zero_model(prepared: Prepared, chosen: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """Producers and carriers of the chosen channels set to 0, so those channels carry exactly 0."""
+    groups = {g.id: g for g in prepared.analysis.groups}
+
+    def edit(group: Group, member, array, node):
+        if _keeps_value(member, node):
+            return array
+        positions = member.positions[np.isin(member.channels, chosen[group.id])]
+        index = [slice(None)] * array.ndim
+        index[member.axis] = positions
+        array[tuple(index)] = 0
+        return array
+
+    edit.targets = [(groups[g], m) for g in chosen for m in groups[g].members if m.role in ("producer", "carrier")]
+    return _edit_params(prepared, edit)
+
+
+def duplicate_model(prepared: Prepared, group: Group, source: int, copy: int) -> onnx.ModelProto:
+    """Channel `copy` of `group` made an exact duplicate of channel `source` in every producer and carrier."""
+    def edit(_group, member, array, _node):
+        src = member.positions[member.channels == source]
+        dst = member.positions[member.channels == copy]
+        moved = np.moveaxis(array, member.axis, 0)
+        moved[dst] = moved[src]
+        return array
+
+    edit.targets = [(group, m) for m in group.members if m.role in ("producer", "carrier")]
+    return _edit_params(prepared, edit)

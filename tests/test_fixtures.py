@@ -1,0 +1,191 @@
+"""Analysis and rewrite on the hand-built fixtures: expected groups, frozen reasons, and the invariants."""
+import numpy as np
+import onnx
+import pytest
+
+import onnx_prune
+from onnx_prune.passes.plan import GroupPlan, Plan
+from onnx_prune.passes.rewrite import ApplyPlanPass
+from onnx_prune.pipeline import prepare
+
+from conftest import FIXTURES, fixture_path
+from invariants import (duplicate_model, feeds_for, relative_error, run, zero_channels_choice, zero_model)
+
+ALL = sorted(p.stem for p in FIXTURES.glob("*.onnx"))
+PRUNABLE = [name for name in ALL if name not in ("loop_subgraph",)]
+
+
+def _group_of(prepared, producer_node):
+    return next(g for g in prepared.analysis.groups if producer_node in g.nodes("producer"))
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_prune_gives_valid_smaller_model(name):
+    prepared = prepare(fixture_path(name))
+    model, report = onnx_prune.prune(fixture_path(name), ratio=0.3)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = feeds_for(prepared.model)
+    before, after = run(prepared.model, feeds), run(model, feeds)
+    assert [o.shape for o in before] == [o.shape for o in after]
+    assert report.macs_after < report.macs_before
+    assert report.channels_after < report.channels_before
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_zero_channels_are_removed_exactly(name):
+    prepared = prepare(fixture_path(name))
+    chosen = zero_channels_choice(prepared)
+    assert chosen, "every prunable fixture has a group large enough to lose a channel"
+    zeroed = zero_model(prepared, chosen)
+    pruned, _ = onnx_prune.prune(zeroed, ratio=0.3, criterion="l1")
+    feeds = feeds_for(prepared.model)
+    assert relative_error(run(zeroed, feeds), run(pruned, feeds)) < 1e-4
+
+    # The same check must fail when one more, non-zero channel goes.
+    analysis = prepare(zeroed).analysis
+    gid, removed = next(iter(chosen.items()))
+    group = analysis.groups[gid]
+    extra = next(c for c in range(group.size) if c not in removed and not group.frozen[c])
+    plan = Plan({g: GroupPlan(np.setdiff1d(np.arange(analysis.groups[g].size), r)) for g, r in chosen.items()})
+    plan.groups[gid] = GroupPlan(np.setdiff1d(np.arange(group.size), np.append(removed, extra)))
+    broken = ApplyPlanPass(analysis, plan)(prepare(zeroed).model).model
+    assert relative_error(run(zeroed, feeds), run(broken, feeds)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["residual_add", "concat", "se", "depthwise", "flatten_gemm", "channel_shuffle",
+                                  "grouped_conv", "nhwc_transpose", "shared_weight"])
+def test_duplicate_channels_merge_exactly(name):
+    prepared = prepare(fixture_path(name))
+    group = max(prepared.analysis.prunable_groups, key=lambda g: g.size)
+    free = np.nonzero(~group.frozen)[0]
+    feeds = feeds_for(prepared.model)
+    fold_mattered = False
+    pairs = [(int(a), int(b)) for a in free[:6] for b in free if b != a and all(
+        (m.channels == a).sum() == (m.channels == b).sum() for m in group.members)]
+    for source, copy in pairs[:40]:  # a pair a Relu kills would merge exactly even without the fold
+        duplicated = duplicate_model(prepared, group, source, copy)
+        keep = np.setdiff1d(np.arange(group.size), [copy])
+        fold = np.eye(group.size)[:, keep]
+        fold[copy, np.searchsorted(keep, source)] = 1.0  # the copy's consumers now read the source
+        merged = ApplyPlanPass(prepared.analysis, Plan({group.id: GroupPlan(keep, fold)}))(duplicated).model
+        onnx.checker.check_model(merged, full_check=True)
+        reference = run(duplicated, feeds)
+        assert relative_error(reference, run(merged, feeds)) < 1e-4
+        pruned = ApplyPlanPass(prepared.analysis, Plan({group.id: GroupPlan(keep)}))(duplicated).model
+        fold_mattered |= relative_error(reference, run(pruned, feeds)) > 1e-3
+        if fold_mattered:
+            break
+    assert fold_mattered, "dropping a live duplicate without folding it must change the output"
+
+
+@pytest.mark.parametrize("name", ["residual_add", "channel_shuffle", "depthwise"])
+def test_plan_that_removes_nothing_is_identity(name):
+    prepared = prepare(fixture_path(name))
+    plan = Plan({g.id: GroupPlan(np.arange(g.size)) for g in prepared.analysis.groups})
+    result = ApplyPlanPass(prepared.analysis, plan)(prepared.model)
+    assert not result.modified
+    feeds = feeds_for(prepared.model)
+    assert relative_error(run(prepared.model, feeds), run(result.model, feeds)) == 0.0
+    model, _ = onnx_prune.prune(fixture_path(name), ratio=0.0)
+    assert relative_error(run(prepared.model, feeds), run(model, feeds)) == 0.0
+
+
+def test_rewrite_does_not_mutate_its_input():
+    prepared = prepare(fixture_path("residual_add"))
+    before = prepared.model.SerializeToString()
+    onnx_prune.prune(prepared.model, ratio=0.5)
+    plan = Plan({g.id: GroupPlan(np.arange(g.size // 2)) for g in prepared.analysis.prunable_groups})
+    ApplyPlanPass(prepared.analysis, plan)(prepared.model)
+    assert prepared.model.SerializeToString() == before
+
+
+def test_residual_add_couples_the_block_and_freezes_the_classifier():
+    prepared = prepare(fixture_path("residual_add"))
+    stem = _group_of(prepared, "conv0")
+    assert {"conv0", "conv2"} <= set(stem.nodes("producer"))  # the identity shortcut ties them
+    fc = _group_of(prepared, "fc")
+    assert fc.frozen.all() and "graph output" in fc.reasons[0]
+
+
+def test_concat_consumer_sees_both_branches_at_their_offsets():
+    prepared = prepare(fixture_path("concat"))
+    a, b = _group_of(prepared, "conv1"), _group_of(prepared, "conv2")
+    assert a.id != b.id and a.size == 4 and b.size == 6
+    consumer_a = next(m for m in a.by_role("consumer") if m.node == "conv3")
+    consumer_b = next(m for m in b.by_role("consumer") if m.node == "conv3")
+    assert list(consumer_a.positions) == [0, 1, 2, 3]
+    assert list(consumer_b.positions) == [4, 5, 6, 7, 8, 9]
+
+
+def test_se_gate_is_tied_to_the_features_it_scales():
+    prepared = prepare(fixture_path("se"))
+    features = _group_of(prepared, "conv0")
+    assert "conv2" in features.nodes("producer")  # the excitation conv's output multiplies the features
+
+
+def test_depthwise_shrinks_with_its_group_attribute():
+    model, _ = onnx_prune.prune(fixture_path("depthwise"), ratio=0.5)
+    dw = next(n for n in model.graph.node if n.op_type == "Conv" and
+              onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "group")) > 1
+              if any(a.name == "group" for a in n.attribute))
+    group = onnx.helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group"))
+    weight = next(t for t in model.graph.initializer if t.name == dw.input[1])
+    assert weight.dims[0] == group and weight.dims[1] == 1 and group == 8
+
+
+def test_flatten_into_gemm_removes_whole_blocks():
+    model, _ = onnx_prune.prune(fixture_path("flatten_gemm"), ratio=0.5)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in model.graph.initializer if t.name == gemm.input[1])
+    assert list(weight.dims) == [10, 2 * 16]  # 2 of 4 channels kept, 16 positions each
+
+
+def test_channel_shuffle_is_followed_not_frozen():
+    prepared = prepare(fixture_path("channel_shuffle"))
+    assert all(not g.reasons for g in prepared.analysis.groups if g.name != "fc")
+
+
+@pytest.mark.parametrize("name, node, words", [
+    ("unknown_op", "conv1", "LRN node 'lrn0' is not understood"),
+    ("if_subgraph", "conv0", "subgraph of If node"),
+    ("loop_subgraph", "conv0", "Loop node"),
+    ("pad_channel", "conv1", "padding channel"),
+])
+def test_frozen_spaces_say_why(name, node, words):
+    group = _group_of(prepare(fixture_path(name)), node)
+    assert any(words in r for r in group.reasons), group.reasons
+
+
+def test_pad_on_channels_keeps_padding_and_prunes_the_rest():
+    prepared = prepare(fixture_path("pad_channel"))
+    group = _group_of(prepared, "conv1")
+    assert group.frozen.sum() == 8 and group.prunable == 8
+
+
+def test_grouped_conv_prunes_the_same_positions_in_every_group():
+    prepared = prepare(fixture_path("grouped_conv"))
+    model, _ = onnx_prune.prune(fixture_path("grouped_conv"), ratio=0.5)
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    assert onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == 2
+    weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    assert list(weight.dims[:2]) == [4, 2]
+
+
+def test_constant_node_weights_are_pruned():
+    model, report = onnx_prune.prune(fixture_path("constant_weights"), ratio=0.5)
+    assert report.channels_after < report.channels_before
+    assert not any(n.op_type == "Constant" for n in model.graph.node)
+
+
+def test_shared_weight_is_one_member():
+    prepared = prepare(fixture_path("shared_weight"))
+    shared = [k for k in prepared.analysis.param_ids if k[1] == 0]
+    assert len(shared) == len(set(shared))
+    model, _ = onnx_prune.prune(fixture_path("shared_weight"), ratio=0.5)
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_pruning_is_deterministic():
+    a, _ = onnx_prune.prune(fixture_path("channel_shuffle"), ratio=0.4, seed=3)
+    b, _ = onnx_prune.prune(fixture_path("channel_shuffle"), ratio=0.4, seed=3)
+    assert a.SerializeToString() == b.SerializeToString()
