@@ -41,7 +41,10 @@ class Prepared:
         return read
 
 
-def prepare(model: ModelLike) -> Prepared:
+def prepare(model: "ModelLike | Prepared") -> Prepared:
+    """Load (if a path), check, normalise and analyse a model."""
+    if isinstance(model, Prepared):
+        return model
     if isinstance(model, onnx.ModelProto):
         try:
             onnx.checker.check_model(model)

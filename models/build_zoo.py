@@ -214,15 +214,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exporters", default=",".join(EXPORTERS))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--force", action="store_true", help="rebuild cached files")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.models, args.exporters = args.models.split(","), args.exporters.split(",")
+    for given, known in ((args.models, MODELS), (args.exporters, EXPORTERS)):
+        if unknown := sorted(set(given) - set(known)):
+            parser.error(f"unknown {unknown}; choose from {known}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the requested models with the requested exporters."""
     args = parse_args(argv)
     total = time.perf_counter()
-    for exporter in args.exporters.split(","):
-        for name in args.models.split(","):
+    for exporter in args.exporters:
+        for name in args.models:
             start = time.perf_counter()
             cached = onnx_path(name, exporter, args.out).exists() and not args.force
             path = build(name, exporter, args.out, args.size, force=args.force)

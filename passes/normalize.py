@@ -2,6 +2,8 @@
 
 - `Constant` nodes holding tensors become initializers (Paddle and some TF converters emit them).
 - `Identity` of an initializer is bypassed (the dynamo exporter and others emit them for tied weights).
+- A tensor read by several nodes whose elements are all equal (exporters deduplicate zero biases) gets one
+  copy per reader: it carries no channel identity, and sharing it would tie unrelated layers together.
 - Every node gets a unique name, because plans and reports refer to nodes by name.
 
 Requires: a model that passed onnx.checker.  Ensures: the same function, graph outputs unchanged.
@@ -64,6 +66,7 @@ class NormalizeWeightsPass:
             del graph.node[:]
             graph.node.extend(kept)
             _rename_in_subgraphs(graph, rename)
+        modified |= _unshare_uniform_tensors(graph)
         modified |= _name_nodes(graph)
         return PassResult(model, modified)
 
@@ -78,6 +81,28 @@ def _rename_in_subgraphs(graph: onnx.GraphProto, rename: dict[str, str]) -> None
                     for i, name in enumerate(inner.input):
                         inner.input[i] = rename.get(name, name)
                 _rename_in_subgraphs(sub, rename)
+
+
+def _unshare_uniform_tensors(graph: onnx.GraphProto) -> bool:
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in inits:
+                readers.setdefault(name, []).append((node, i))
+    changed = False
+    for name, uses in readers.items():
+        if len(uses) < 2 or len(inits[name].dims) == 0:
+            continue
+        value = numpy_helper.to_array(inits[name])
+        if value.size < 2 or not (value == value.reshape(-1)[0]).all():
+            continue
+        for k, (node, i) in enumerate(uses[1:], start=1):
+            copy_name = f"{name}__{k}"
+            graph.initializer.append(numpy_helper.from_array(value, copy_name))
+            node.input[i] = copy_name
+        changed = True
+    return changed
 
 
 def _name_nodes(graph: onnx.GraphProto) -> bool:

@@ -162,7 +162,7 @@ def _apply_shape_edits(model: onnx.ModelProto, analysis: ChannelAnalysis, kept: 
 
 def _set_input_constant(graph, node, index, value, inits, readers) -> None:
     """Point node.input[index] at `value`: in place when only this node reads it, else as a new constant."""
-    name = node.input[index]
+    name = node.input[index] if index < len(node.input) else ""
     if name in inits and readers[name] == 1:
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
         return
@@ -193,7 +193,13 @@ def _write_split_sizes(graph, node, sizes, opset, inits, readers) -> None:
 
 def _update_value_info(graph: onnx.GraphProto, analysis: ChannelAnalysis, kept: np.ndarray) -> None:
     """Declared intermediate shapes follow the new channel counts (stale ones would fail the checker)."""
+    init_dims = {t.name: list(t.dims) for t in graph.initializer}
     for value in graph.value_info:
+        if value.name in init_dims and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, init_dims[value.name]):
+                dim.dim_value = size
+            continue
         lay = analysis.layouts.get(value.name)
         if lay is None or not value.type.tensor_type.HasField("shape"):
             continue

@@ -97,6 +97,28 @@ def infer_shapes(
     return shapes
 
 
+def _measured_shapes(model: onnx.ModelProto, shapes: dict, input_shapes, batch: int) -> dict:
+    """Shapes static inference could not find (computed Reshape/Slice bounds), measured by one onnxruntime run."""
+    needed = sorted({name for node in model.graph.node if node.op_type in _MAC_RULES
+                     for name in list(node.input[:2]) + [node.output[0]]
+                     if name and not all(isinstance(d, int) for d in shapes.get(name) or [None])})
+    if not needed:
+        return {}
+    import onnxruntime as ort
+
+    from .fidelity import make_inputs
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known_outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in needed if n not in known_outputs)
+    feed = make_inputs(model, shapes=input_shapes, samples=1, batch=batch)[0]
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(None, feed)
+    return {n: tuple(v.shape) for n, v in zip(names, values) if n in needed}
+
+
 def _float_weight_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     """Element count of each float tensor stored in the graph (initializers and Constant nodes)."""
     sizes = {
@@ -198,6 +220,7 @@ def count_cost(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     a MAC count needs is still unknown.
     """
     shapes = infer_shapes(model, input_shapes, batch)
+    shapes.update(_measured_shapes(model, shapes, input_shapes, batch))
     weight_sizes = _float_weight_sizes(model.graph)
     per_node: dict[str, NodeCost] = {}
     for name, node in zip(_node_names(model.graph), model.graph.node):

@@ -15,3 +15,16 @@ def fixture_path(name: str) -> Path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+ZOO = ROOT / "models" / "zoo"
+
+
+def zoo_model(name: str, exporter: str) -> Path:
+    """A zoo model, exported on first use (needs the dev extra: torch, torchvision, onnxscript)."""
+    path = ZOO / f"{name}_{exporter}.onnx"
+    if not path.exists():
+        sys.path.insert(0, str(ROOT / "models"))
+        import build_zoo  # noqa: E402 - only importable with the dev extra installed
+
+        build_zoo.build(name, exporter, ZOO)
+    return path
