@@ -107,7 +107,7 @@ def summarize(prepared: Prepared, plan: Plan | None = None, cost: Cost | None = 
     total = sum(node_macs.values()) or 1
     summaries = []
     reasons: dict[str, int] = {}
-    prunable_conv_macs = 0
+    prunable_conv_nodes: set[str] = set()
     for group in analysis.groups:
         producers = group.nodes("producer")
         macs = sum(node_macs.get(n, 0) for n in producers)
@@ -116,9 +116,11 @@ def summarize(prepared: Prepared, plan: Plan | None = None, cost: Cost | None = 
                                       producers, group.nodes("consumer"), macs / total, group.reasons))
         for reason in group.reasons:
             reasons[reason] = reasons.get(reason, 0) + int(group.frozen.sum())
-        if group.prunable and group.size > 1:
-            prunable_conv_macs += sum(node_macs.get(n, 0) for n in producers if analysis.node_ops[n] == "Conv")
+        if group.prunable and group.size > 1:  # depthwise convs carry their group: they shrink with it too
+            shrinking = {m.node for m in group.members if m.role in ("producer", "carrier")}
+            prunable_conv_nodes |= {n for n in shrinking if analysis.node_ops.get(n) == "Conv"}
     conv_macs = sum(m for n, m in node_macs.items() if analysis.node_ops.get(n) == "Conv") or 1
+    prunable_conv_macs = sum(node_macs.get(n, 0) for n in prunable_conv_nodes)
     return AnalysisReport(prepared.source, summaries, cost.macs if cost else 0, cost.params if cost else 0,
                           prunable_conv_macs / conv_macs, reasons)
 
