@@ -39,6 +39,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUT.data beside the model (default: only if the input did or >2 GB)")
     p.add_argument("--no-validate", action="store_true", help="skip the fidelity check against the original")
+    p.add_argument("--inputs", metavar="DATA.npz", help="validation inputs: an .npz of input name -> array "
+                   "(a leading sample axis allowed); default: 4 generated from the input shapes and --seed")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="concrete shape for an input with dynamic dims other than batch (generated inputs)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -119,11 +123,13 @@ def run_prune(argv: list[str]) -> int:
     from pathlib import Path
 
     import onnx_prune
+    import onnx_prune.pipeline
     from onnx_prune.runtime.io import save
 
     if Path(args.output).exists() and Path(args.input).exists() and \
             Path(args.output).resolve() == Path(args.input).resolve():
         raise PruneError(f"refusing to overwrite the input model {args.input}; choose another output path")
+    onnx_prune.pipeline.check_options(args.ratio, args.criterion, args.round_to)
     started = time.perf_counter()
     _say(args, f"onnx-prune: analysing {args.input}")
     prepared = onnx_prune.prepare(args.input)
@@ -139,13 +145,17 @@ def run_prune(argv: list[str]) -> int:
          f"params {report.params_before / 1e6:.2f} M -> {report.params_after / 1e6:.2f} M "
          f"({_reduction(report.params_before, report.params_after)})")
     if not args.no_validate:
-        from onnx_prune.runtime.fidelity import compare, format_fidelity_table, make_inputs
+        from onnx_prune.runtime.fidelity import compare, format_fidelity_table, load_npz_inputs, make_inputs
         try:
-            inputs = make_inputs(prepared.model, seed=args.seed, samples=4)
-        except ValueError as err:
-            _say(args, f"onnx-prune: validation skipped: {err}")
+            inputs = (load_npz_inputs(args.inputs, prepared.model) if args.inputs else
+                      make_inputs(prepared.model, seed=args.seed, shapes=_parse_shapes(args.shape) or None,
+                                  samples=4))
+        except (ValueError, OSError) as err:
+            _say(args, f"onnx-prune: validation skipped: {err} (give --shape or --inputs)")
         else:
-            _say(args, "onnx-prune: validating against the original on 4 generated inputs ...")
+            source = f"{len(inputs)} samples from {args.inputs}" if args.inputs else \
+                f"{len(inputs)} generated inputs (seed {args.seed})"
+            _say(args, f"onnx-prune: validating against the original on {source} ...")
             fidelity = compare(prepared.model, model, inputs)
             _say(args, format_fidelity_table(fidelity))
             result["fidelity"] = fidelity.to_dict()

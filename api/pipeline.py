@@ -148,7 +148,7 @@ class PruneReport:
         return out
 
 
-def _check_options(ratio: float, criterion: str, round_to: int) -> None:
+def check_options(ratio: float, criterion: str, round_to: int) -> None:
     if not 0.0 <= ratio < 1.0:
         raise PruneError(f"--ratio must be in [0, 1), got {ratio}")
     if criterion not in CRITERIA:
@@ -180,7 +180,7 @@ def prune(model: ModelLike, ratio: float = 0.3, criterion: str = "l2", round_to:
 
     Returns the pruned model (the input is not changed) and a report.  Raises PruneError for bad input.
     """
-    _check_options(ratio, criterion, round_to)
+    check_options(ratio, criterion, round_to)
     prepared = prepare(model)
     if not prepared.analysis.prunable_groups:
         reasons = sorted({r for g in prepared.analysis.groups for r in g.reasons})[:3]

@@ -28,13 +28,15 @@ def select_top(scores: np.ndarray, frozen: np.ndarray, n_keep: int) -> np.ndarra
 
 
 def excluded_groups(analysis: ChannelAnalysis, patterns: list[str]) -> set[int]:
-    """Groups with a member at a node whose name matches one of `patterns` (shell-style wildcards)."""
+    """Groups whose channels a node matching one of `patterns` writes (shell-style wildcards).
+
+    Only producers and carriers count: excluding a layer keeps its output channels, not its input."""
     known = set(analysis.node_ops)
     for pattern in patterns:
         if not any(fnmatchcase(name, pattern) for name in known):
             raise PruneError(f"--exclude {pattern}: no node of the model has that name")
     return {g.id for g in analysis.groups
-            if any(fnmatchcase(m.node, p) for m in g.members for p in patterns)}
+            if any(fnmatchcase(m.node, p) for m in g.members if m.role != "consumer" for p in patterns)}
 
 
 def uniform_plan(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], ratio: float,

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .sessions import input_specs, model_without_initializers, resolve_input_shapes, value_dims
+from .sessions import input_specs, resolve_input_shapes, value_dims
+from .shapes import inference_skeleton
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -21,9 +22,6 @@ _FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
-# Initializers above this size lose their data in the copy used for shape inference:
-# inference only needs the data of small shape-like tensors (Reshape targets, Slice starts).
-_INFERENCE_DATA_LIMIT_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -44,40 +42,6 @@ class Cost:
         return asdict(self)
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return math.prod(tensor.dims) * itemsize
-
-
-def _inference_copy(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """The model with concrete input shapes and its large initializers turned into typed graph inputs.
-
-    Shape inference serialises the model it is given; without the weight data that is cheap,
-    and inference only reads the data of small shape-like tensors.
-    """
-    skeleton = model_without_initializers(model)
-    graph = skeleton.graph
-    large = [tensor for tensor in model.graph.initializer if _tensor_bytes(tensor) > _INFERENCE_DATA_LIMIT_BYTES]
-    large_names = {tensor.name for tensor in large}
-    graph.initializer.extend(
-        tensor for tensor in model.graph.initializer if tensor.name not in large_names
-    )
-    # Older IR versions also list initializers as graph inputs; those entries are replaced.
-    kept_inputs = [value for value in graph.input if value.name not in large_names]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    graph.input.extend(
-        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)) for tensor in large
-    )
-    for value in graph.input:
-        if value.name in input_shapes:
-            shape = value.type.tensor_type.shape
-            shape.ClearField("dim")
-            for size in input_shapes[value.name]:
-                shape.dim.add().dim_value = size
-    return skeleton
-
-
 def infer_shapes(
     model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1
 ) -> dict[str, tuple[int | str | None, ...]]:
@@ -87,7 +51,7 @@ def infer_shapes(
     `input_shapes` (input name -> full shape); a missing one raises ValueError naming it.
     """
     fixed = resolve_input_shapes(input_specs(model), input_shapes, batch)
-    inferred = onnx.shape_inference.infer_shapes(_inference_copy(model, fixed), data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(inference_skeleton(model, fixed), data_prop=True)
     graph = inferred.graph
     shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     for value in (*graph.input, *graph.value_info, *graph.output):

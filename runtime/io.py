@@ -12,7 +12,8 @@ from google.protobuf.message import DecodeError
 
 from onnx_prune.errors import PruneError
 
-TWO_GB = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
+HEADROOM = 64 * 2**20  # graph structure and small tensors besides the large weights
 
 
 @dataclass
@@ -57,16 +58,12 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-def weights_nbytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
-
-
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
          external_data: bool = False) -> Path:
     """Write `model` atomically (temp folder + rename); never overwrite `input_path` or its data file.
 
     External data (one `<name>.data` file beside the model) is written when asked or when the model
-    does not fit in one 2 GB protobuf.
+    would not fit in one 2 GB protobuf.
     """
     path = Path(path)
     data_name = path.name + ".data"
@@ -79,7 +76,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | o
             raise PruneError(f"refusing to overwrite the input's external data {src_data}")
     if not path.parent.exists():
         raise PruneError(f"output folder does not exist: {path.parent}")
-    external = external_data or sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB // 2
+    external = external_data or sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - HEADROOM
     staging = Path(tempfile.mkdtemp(prefix=".onnx-prune-", dir=path.parent))
     try:
         staged = staging / path.name

@@ -1,20 +1,48 @@
 """Shape inference that does not copy the weights."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx
 
-Dim = "int | str | None"  # static size, symbolic name, or unknown
-SMALL_TENSOR_BYTES = 1024  # shape-carrying constants are small; weights are not
+from onnx_prune.runtime.sessions import model_without_initializers
+
+SMALL_TENSOR_BYTES = 1024  # shape-carrying constants (Reshape targets, Slice bounds) are small; weights are not
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with large initializers' data stripped: inference only needs their dims."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)  # cheap relative to serialisation, which infer_shapes would do
-    for tensor in light.graph.initializer:
-        if len(tensor.raw_data) > SMALL_TENSOR_BYTES:
-            tensor.ClearField("raw_data")
-    return light
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return math.prod(tensor.dims) * itemsize
+
+
+def inference_skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """The model with concrete input shapes and its large initializers turned into typed graph inputs.
+
+    Shape inference serialises the model it is given; without the weight data that is cheap,
+    and inference only reads the data of small shape-like tensors.
+    """
+    skeleton = model_without_initializers(model)
+    graph = skeleton.graph
+    large = [tensor for tensor in model.graph.initializer if _tensor_bytes(tensor) > SMALL_TENSOR_BYTES]
+    large_names = {tensor.name for tensor in large}
+    graph.initializer.extend(
+        tensor for tensor in model.graph.initializer if tensor.name not in large_names
+    )
+    # Older IR versions also list initializers as graph inputs; those entries are replaced.
+    kept_inputs = [value for value in graph.input if value.name not in large_names]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)) for tensor in large
+    )
+    for value in graph.input:
+        if input_shapes and value.name in input_shapes:
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in input_shapes[value.name]:
+                shape.dim.add().dim_value = size
+    return skeleton
 
 
 def _dims(type_proto: onnx.TypeProto) -> list | None:
@@ -27,12 +55,11 @@ def _dims(type_proto: onnx.TypeProto) -> list | None:
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list | None]:
     """Tensor name -> dims (int, symbolic str or None) for every value onnx can infer, plus initializers."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_light_copy(model), data_prop=True)
-    except Exception:  # inference is advisory: rules fall back to freezing where a shape is missing
+        inferred = onnx.shape_inference.infer_shapes(inference_skeleton(model), data_prop=True)
+    except Exception:  # inference is advisory: rules freeze what they cannot see the shape of
         inferred = model
-    graph = inferred.graph
     shapes: dict[str, list | None] = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[value.name] = _dims(value.type)
     for tensor in model.graph.initializer:
         shapes[tensor.name] = list(tensor.dims)

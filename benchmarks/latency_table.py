@@ -1,0 +1,398 @@
+"""Latency of pruned zoo models against the originals: how much of the MAC reduction onnxruntime delivers.
+
+For each model, ratio and round-to, the model is pruned with the l2 criterion and timed with
+onnxruntime (CPU; CUDA as well with ``--provider cuda`` when it really works here) next to the
+original, which is timed once per model.  The table gives, per batch size, the median latency,
+the speed-up over the original and the efficiency = speed-up / MAC reduction.
+
+Writes ``<out-dir>/latency_<provider>.md`` (the table, also printed on stdout) and
+``<out-dir>/latency_<provider>.json`` (raw numbers, machine, versions, command line) for each
+provider measured.  Progress goes to stderr, one line per measurement.
+
+Usage::
+
+    python benchmarks/latency_table.py [--models resnet50,mobilenet_v2] [--ratios 0.25,0.5,0.75]
+        [--round-to 1,8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
+        [--warmup 10] [--repeat 100] [--seed 0] [--out-dir benchmarks/results]
+
+Needs the zoo (``python models/build_zoo.py --models resnet50,mobilenet_v2 --exporters torchscript``).
+Everything but the timings is deterministic: pruning (l2 scores, ties by channel index) and
+the random inputs (``--seed``) are the same on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import onnx_prune
+from onnx_prune.runtime.bench import benchmark, compare_latency
+from onnx_prune.runtime.sessions import CPU, CUDA, available_providers, runtime_versions
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ZOO = REPO / "models" / "zoo"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+CRITERION = "l2"
+OTHER_LOAD_LIMIT = 0.10  # a measurement during which other processes used more of the CPU is flagged
+SHORT = {CPU: "cpu", CUDA: "cuda"}
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def _list(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return list(dict.fromkeys(values))  # drop repeats, keep order
+    return parse
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Prune zoo models at several ratios and compare their onnxruntime latency with the original.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", type=_list(str), default=["resnet50", "mobilenet_v2"],
+                   help="comma-separated zoo model names")
+    p.add_argument("--exporter", default="torchscript", help="zoo export to use: models/zoo/<model>_<exporter>.onnx")
+    p.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo directory")
+    p.add_argument("--ratios", type=_list(float), default=[0.25, 0.5, 0.75],
+                   help="comma-separated pruning ratios (share of each group's channels removed)")
+    p.add_argument("--round-to", type=_list(int), default=[1, 8], help="comma-separated round-to values")
+    p.add_argument("--batch", type=_list(int), default=[1, 8], help="comma-separated batch sizes")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: CPU only; cuda: CPU and, when it really works here, CUDA (else a notice and CPU only)")
+    p.add_argument("--threads", type=int, default=_default_threads(),
+                   help="onnxruntime intra-op threads (default: the CPUs available to this process)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model and batch")
+    p.add_argument("--repeat", type=int, default=100, help="timed runs per model and batch (median reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (and passed to prune)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where latency_<provider>.md/.json go")
+    args = p.parse_args(argv)
+    for ratio in args.ratios:
+        if not 0.0 < ratio < 1.0:
+            p.error(f"--ratios: each ratio must be in (0, 1), got {ratio}")
+    for name, values in (("--round-to", args.round_to), ("--batch", args.batch)):
+        if min(values) < 1:
+            p.error(f"{name}: values must be positive integers, got {values}")
+    for name in ("threads", "repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be non-negative")
+    return args
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+class CpuWatch:
+    """Share of the machine's CPU time that other processes used between two calls (Linux /proc).
+
+    Timings on a small machine are only meaningful when nothing else runs; this tells afterwards
+    which measurements were disturbed.  None where /proc is unavailable.
+    """
+
+    def __init__(self) -> None:
+        self.last = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state is field 3
+            busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal minus idle and iowait
+            return sum(fields[:8]), busy, int(own[11]) + int(own[12])  # utime + stime, all threads
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def other_share(self) -> float | None:
+        now, before = self._snapshot(), self.last
+        self.last = now
+        if now is None or before is None or now[0] <= before[0]:
+            return None
+        return max(0.0, (now[1] - before[1]) - (now[2] - before[2])) / (now[0] - before[0])
+
+
+def machine_info(threads: int, providers: list[str]) -> dict:
+    versions = runtime_versions()
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": _default_threads(),
+        "threads": threads,
+        "onnxruntime": versions["onnxruntime"],
+        "versions": versions,
+        "hostname": platform.node(),
+    }
+    if CUDA in providers:
+        info["gpu"] = gpu_name()
+    return info
+
+
+def machine_line(machine: dict, provider: str) -> str:
+    line = (f"{machine['cpu_model']}, {machine['cpu_count']} cores, onnxruntime {machine['onnxruntime']}, "
+            f"{machine['threads']} intra-op threads")
+    if provider == CUDA:
+        line += f", GPU {machine.get('gpu') or 'unknown'}"
+    return line
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def _ratio_text(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def markdown_table(records: list[dict], batches: list[int], provider: str) -> str:
+    header = ["model", "ratio", "round-to", "MAC reduction", "params kept"]
+    for batch in batches:
+        header += [f"b{batch} median ms", f"b{batch} speed-up", f"b{batch} efficiency"]
+    align = ["---", "---:", "---:", "---:", "---:"] + ["---:"] * (3 * len(batches))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for record in records:
+        latency = {r["batch"]: r for r in record["latency"][provider]}
+        if record["ratio"] == 0:
+            cells = [record["model"], "0 (original)", "–", "1.00x", "100.0%"]
+            for batch in batches:
+                cells += [f"{latency[batch]['median_ms']:.2f}", "1.00x", "–"]
+        else:
+            compared = {row["batch"]: row for row in record["comparison"][provider]}
+            cells = [record["model"], _ratio_text(record["ratio"]), str(record["round_to"]),
+                     f"{record['mac_reduction']:.2f}x", f"{100 * record['params_kept']:.1f}%"]
+            for batch in batches:
+                row = compared[batch]
+                cells += [f"{row['pruned_median_ms']:.2f}", f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(table: str, machine: dict, provider: str, args: argparse.Namespace, command: str,
+                    started: str, seconds: float, disturbed: list[str]) -> str:
+    if disturbed:
+        warning = (f"**Warning:** other processes used more than {OTHER_LOAD_LIMIT:.0%} of the CPU during "
+                   f"{len(disturbed)} measurement(s): {'; '.join(disturbed)}. Those numbers are not reliable.")
+    else:
+        warning = f"Other processes used less than {OTHER_LOAD_LIMIT:.0%} of the CPU during every measurement."
+    return "\n".join([
+        f"# Latency of pruned models ({SHORT[provider].upper()}, onnxruntime)",
+        "",
+        f"Machine: {machine_line(machine, provider)}",
+        "",
+        f"Settings: {args.exporter} exports, criterion {CRITERION}, warm-up {args.warmup}, "
+        f"{args.repeat} timed runs per model and batch, seed {args.seed}; run {started}, {seconds:.0f} s in all.",
+        "",
+        f"Command: `{command}`",
+        "",
+        table,
+        "",
+        "MAC reduction = MACs before / MACs after; params kept = params after / params before; "
+        "speed-up = original median / pruned median at the same batch; efficiency = speed-up / MAC reduction "
+        "(1.00 = the runtime turns the whole theoretical gain into speed). The original is timed once per model.",
+        "",
+        warning,
+        "",
+    ])
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    wall_start = time.perf_counter()
+    np.random.seed(args.seed)  # nothing here should draw from the global generator; pin it anyway
+
+    paths = {}
+    for model in args.models:
+        path = args.zoo / f"{model}_{args.exporter}.onnx"
+        if not path.is_file():
+            print(f"latency_table: {path} not found; build it with: python models/build_zoo.py "
+                  f"--models {model} --exporters {args.exporter}", file=sys.stderr)
+            return 2
+        paths[model] = path
+
+    requested = [CPU] + ([CUDA] if args.provider == "cuda" else [])
+    providers = available_providers(requested)  # prints a notice for CUDA when it cannot run, keeps CPU
+    machine = machine_info(args.threads, providers)
+    load_start = load_average()
+    watch = CpuWatch()
+    time.sleep(1.0)
+    idle_check = watch.other_share()  # what the rest of the machine does while we do nothing
+    if idle_check is not None and idle_check > OTHER_LOAD_LIMIT:
+        print(f"latency_table: warning: other processes use {idle_check:.0%} of the CPU right now; "
+              "timings will be disturbed (see 'other load' below)", file=sys.stderr)
+    disturbed = []  # labels of measurements during which other processes used > OTHER_LOAD_LIMIT of the CPU
+    per_model = 1 + len(args.ratios) * len(args.round_to)
+    total = len(args.models) * per_model * len(providers) * len(args.batch)
+    done = 0
+
+    def timed(model_or_path, label: str) -> tuple[list, dict]:
+        other_load = {}  # (provider, batch) -> share of CPU time used by other processes meanwhile
+
+        def progress(result) -> None:
+            nonlocal done
+            done += 1
+            share = watch.other_share()
+            other_load[(result.provider, result.batch)] = share
+            flag = ""
+            if share is not None and share > OTHER_LOAD_LIMIT:
+                flag = "  <- disturbed"
+                disturbed.append(f"{label} {SHORT.get(result.provider, result.provider)} batch {result.batch}")
+            load = "n/a" if share is None else f"{100 * share:3.0f}%"
+            print(f"[{done:3d}/{total}] {label:<32} {SHORT.get(result.provider, result.provider):<4} "
+                  f"batch {result.batch:<3d} median {result.median_ms:9.2f} ms  p90 {result.p90_ms:9.2f} ms  "
+                  f"other load {load}  ({time.perf_counter() - wall_start:4.0f} s){flag}", file=sys.stderr, flush=True)
+
+        watch.other_share()  # start the window here: pruning is ours, but do not count it twice
+        results = benchmark(model_or_path, providers=providers, batches=args.batch, warmup=args.warmup,
+                            repeat=args.repeat, threads=args.threads, seed=args.seed, progress=progress)
+        return results, other_load
+
+    def latency_dicts(results: list, other_load: dict, provider: str) -> list[dict]:
+        return [dict(r.to_dict(), other_cpu_share=other_load.get((r.provider, r.batch)))
+                for r in results if r.provider == provider]
+
+    records = []
+    for model in args.models:
+        path = paths[model]
+        prepared = onnx_prune.prepare(path)  # analysed once, pruned at every ratio / round-to
+        base, base_load = timed(path, f"{model} original")
+        base_record = {"model": model, "path": os.path.relpath(path, REPO), "ratio": 0, "round_to": None,
+                       "latency": {p: latency_dicts(base, base_load, p) for p in providers}}
+        records.append(base_record)
+        for ratio in args.ratios:
+            for round_to in args.round_to:
+                t0 = time.perf_counter()
+                pruned, report = onnx_prune.prune(prepared, ratio=ratio, criterion=CRITERION, round_to=round_to,
+                                                  seed=args.seed)
+                prune_s = time.perf_counter() - t0
+                if not report.macs_before or not report.macs_after:
+                    raise RuntimeError(f"{model}: MAC count unavailable (dynamic spatial dims?)")
+                mac_reduction = report.macs_before / report.macs_after
+                base_record.setdefault("macs", report.macs_before)
+                base_record.setdefault("params", report.params_before)
+                label = f"{model} r={_ratio_text(ratio)} round-to={round_to}"
+                print(f"      {label:<32} pruned in {prune_s:.1f} s: MACs {mac_reduction:.2f}x fewer, "
+                      f"params {100 * report.params_after / report.params_before:.1f}% kept",
+                      file=sys.stderr, flush=True)
+                results, load = timed(pruned, label)
+                records.append({
+                    "model": model, "ratio": ratio, "round_to": round_to, "criterion": CRITERION,
+                    "macs_before": report.macs_before, "macs_after": report.macs_after,
+                    "params_before": report.params_before, "params_after": report.params_after,
+                    "channels_before": report.channels_before, "channels_after": report.channels_after,
+                    "mac_reduction": mac_reduction, "params_kept": report.params_after / report.params_before,
+                    "prune_seconds": round(prune_s, 3),
+                    "latency": {p: latency_dicts(results, load, p) for p in providers},
+                    "comparison": {p: compare_latency([r for r in base if r.provider == p],
+                                                      [r for r in results if r.provider == p], mac_reduction)
+                                   for p in providers},
+                })
+                del pruned
+
+    seconds = time.perf_counter() - wall_start
+    load_end = load_average()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for provider in providers:
+        short = SHORT.get(provider, provider)
+        table = markdown_table(records, args.batch, provider)
+        md = markdown_report(table, machine, provider, args, command, started_at, seconds,
+                             [d for d in disturbed if f" {short} batch " in d])
+        print(md)
+        (args.out_dir / f"latency_{short}.md").write_text(md)
+        data = {
+            "command": command,
+            "argv": sys.argv if argv is None else [sys.argv[0], *argv],
+            "cwd": os.getcwd(),
+            "started_utc": started_at,
+            "seconds": round(seconds, 1),
+            "git_commit": git_commit(),
+            "provider": provider,
+            "providers_requested": requested,
+            "providers_measured": providers,
+            "machine": dict(machine, line=machine_line(machine, provider),
+                            load_average_start=load_start, load_average_end=load_end,
+                            other_cpu_share_before_start=idle_check),
+            "options": {"models": args.models, "exporter": args.exporter, "ratios": args.ratios,
+                        "round_to": args.round_to, "batches": args.batch, "criterion": CRITERION,
+                        "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed},
+            "disturbed_measurements": [d for d in disturbed if f" {short} batch " in d],
+            "other_load_limit": OTHER_LOAD_LIMIT,
+            "records": [
+                {k: (v[provider] if k in ("latency", "comparison") else v) for k, v in record.items()}
+                for record in records
+            ],
+            "table_markdown": table,
+        }
+        with open(args.out_dir / f"latency_{short}.json", "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        print(f"latency_table: wrote {args.out_dir / f'latency_{short}.md'} and .json", file=sys.stderr)
+    print(f"latency_table: done in {seconds:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The command line as a user meets it: results, reports, and one-line errors with no output file."""
+import json
+import shutil
+
+import onnx
+import pytest
+
+from onnx_prune.cli import main
+
+from conftest import fixture_path
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_writes_a_valid_smaller_model_and_report(tmp_path, capsys):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    code, _, err = _run(capsys, fixture_path("residual_add"), out, "--ratio", "0.5", "--round-to", "2",
+                        "--report", report)
+    assert code == 0, err
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads(report.read_text())
+    assert data["macs_after"] < data["macs_before"]
+    assert data["options"]["round_to"] == 2 and "onnxruntime" in data["versions"]
+    assert all(g["kept"] % 2 == 0 or g["kept"] == g["size"] for g in data["groups"])
+    assert "fidelity" in data and "max abs err" in err
+
+
+def test_analyze_prints_a_table_and_json(capsys):
+    code, out, _ = _run(capsys, "analyze", fixture_path("unknown_op"))
+    assert code == 0 and "LRN node 'lrn0' is not understood" in out
+    code, out, _ = _run(capsys, "analyze", fixture_path("unknown_op"), "--json")
+    data = json.loads(out)
+    assert code == 0 and any(g["reasons"] for g in data["groups"]) and data["macs"] > 0
+
+
+def test_bench_two_models(tmp_path, capsys):
+    pruned = tmp_path / "p.onnx"
+    assert main([str(fixture_path("se")), str(pruned), "--quiet"]) == 0
+    code, out, _ = _run(capsys, "bench", fixture_path("se"), pruned, "--batch", "1,2", "--repeat", "3",
+                        "--warmup", "1")
+    assert code == 0 and "speed-up" in out
+
+
+@pytest.mark.parametrize("make_input, args, words", [
+    (lambda d: d / "missing.onnx", [], "no such file"),
+    (lambda d: (d / "junk.onnx").write_bytes(b"\x00not a model at all") and d / "junk.onnx", [], "not an ONNX model"),
+    (lambda d: fixture_path("se"), ["--ratio", "1.0"], "--ratio must be in [0, 1)"),
+    (lambda d: fixture_path("se"), ["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
+    (lambda d: fixture_path("se"), ["--criterion", "taylor"], "unknown criterion"),
+    (lambda d: fixture_path("se"), ["--exclude", "no_such_node"], "no node of the model has that name"),
+    (lambda d: fixture_path("loop_subgraph"), [], "nothing to prune"),
+])
+def test_bad_input_is_one_line_error_without_output(tmp_path, capsys, make_input, args, words):
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, make_input(tmp_path), out, *args)
+    assert code == 1
+    assert words in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists() and not list(tmp_path.glob(".onnx-prune-*"))
+
+
+def _undefined_weight(model):
+    model.graph.node[0].input[1] = "undefined_weight"
+
+
+def _old_opset(model):
+    model.opset_import[0].version = 9
+
+
+@pytest.mark.parametrize("spoil, words", [(_undefined_weight, "not a valid ONNX model"), (_old_opset, "opset 9")])
+def test_unusable_model_is_refused(tmp_path, capsys, spoil, words):
+    model = onnx.load(str(fixture_path("se")))
+    spoil(model)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    code, _, err = _run(capsys, bad, tmp_path / "out.onnx")
+    assert code == 1 and words in err
+
+
+def test_refuses_to_overwrite_the_input(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    shutil.copy(fixture_path("se"), model)
+    before = model.read_bytes()
+    code, _, err = _run(capsys, model, model)
+    assert code == 1 and "refusing to overwrite the input" in err
+    assert model.read_bytes() == before
+
+
+def test_external_data_input_gives_external_data_output(tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    code, _, err = _run(capsys, fixture_path("external_data"), out, "--no-validate")
+    assert code == 0, err
+    assert (tmp_path / "small.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_same_options_give_identical_files(tmp_path, capsys):
+    for name in ("a.onnx", "b.onnx"):
+        assert main([str(fixture_path("channel_shuffle")), str(tmp_path / name), "--seed", "7", "--quiet"]) == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_validation_on_user_inputs(tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "inputs.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))
+    report = tmp_path / "r.json"
+    code, _, err = _run(capsys, fixture_path("se"), tmp_path / "o.onnx", "--inputs", data, "--report", report)
+    assert code == 0, err
+    assert "3 samples from" in err and json.loads(report.read_text())["fidelity"]["samples"] == 3
