@@ -1,32 +1,267 @@
-"""Data-free saliency of every channel of a group, from its weights."""
+"""Data-free saliency of every channel of a group.
+
+A *criterion* scores the filters of one layer: rows of a matrix (one row per output position, BatchNorm folded
+in where a BatchNormalization follows the layer, bias as the last column).  An *aggregation* turns the scores
+of all the layers a group touches into one score per channel (METHODS.md §1):
+
+- ``first``: the group's first producer only (coupling-blind, the baseline Domino improves on);
+- ``domino-o``: sum over every producer and every filter carried along (depthwise convs);
+- ``domino-io``: ``domino-o`` plus the consumers' input slices;
+- ``mean`` / ``max``: over the producers.
+
+``normalize`` divides by the number of weights a channel's removal deletes (the paper's "-avg" variants).
+Higher scores mean more important.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
+from onnx import helper
+from scipy.linalg import qr
+from scipy.spatial import cKDTree
 
-from onnx_prune.analysis.channels import Group
+from onnx_prune.analysis.channels import Group, Member
 
 Weights = Callable[[str], np.ndarray]  # initializer name -> array
 
 
-def _per_position(values: np.ndarray, axis: int, norm: str) -> np.ndarray:
-    rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).astype(np.float64)
-    if norm == "l1":
-        return np.abs(rows).sum(axis=1)
-    return np.sqrt((rows * rows).sum(axis=1))
+@dataclass
+class FilterSet:
+    """One layer's filters inside a group: `rows[p]` is the filter at position p, `kernel` its k*k size."""
+    node: str
+    role: str
+    rows: np.ndarray        # (positions, features), float64
+    positions: np.ndarray   # positions along the layer's channel axis
+    channels: np.ndarray    # group channel of each position
+    kernel: int = 1         # spatial size of a filter (1 for 1x1 convs and Gemm/MatMul)
+    weights_per_position: int = 0
 
 
-def filter_norm(group: Group, weights: Weights, norm: str) -> np.ndarray:
-    """Sum over the group's producers of each channel's filter norm (L1 or L2 of its weight row and bias)."""
-    score = np.zeros(group.size)
-    for member in group.by_role("producer"):
-        per_position = _per_position(weights(member.param), member.axis, norm)
-        np.add.at(score, member.channels, per_position[member.positions])
-    return score
+# --- criteria: filters (n, d) -> score (n,)
+
+def l1(filters: FilterSet, **_) -> np.ndarray:
+    return np.abs(filters.rows).sum(axis=1)
 
 
-CRITERIA: dict[str, Callable[[Group, Weights], np.ndarray]] = {
-    "l1": lambda group, weights: filter_norm(group, weights, "l1"),
-    "l2": lambda group, weights: filter_norm(group, weights, "l2"),
+def l2(filters: FilterSet, **_) -> np.ndarray:
+    return np.sqrt((filters.rows ** 2).sum(axis=1))
+
+
+def fpgm(filters: FilterSet, **_) -> np.ndarray:
+    """Sum of distances to the other filters: near the geometric median = replaceable = low score."""
+    rows = filters.rows
+    sq = (rows ** 2).sum(axis=1)
+    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0)
+    return np.sqrt(dist2).sum(axis=1)
+
+
+def random_scores(filters: FilterSet, rng: np.random.Generator | None = None, **_) -> np.ndarray:
+    return (rng or np.random.default_rng(0)).random(len(filters.rows))
+
+
+def prototypes(filters: FilterSet) -> np.ndarray:
+    """Unit rank-1 prototype of each filter (METHODS.md §4): the first left singular vector of its
+    (k*k, C_in) matrix.  For 1x1 filters that vector is a sign, so the whole normalised row is used."""
+    rows = filters.rows[:, :-1] if filters.rows.shape[1] > 1 else filters.rows  # weights, not the bias column
+    k = filters.kernel
+    if k > 1 and rows.shape[1] % k == 0:
+        per_filter = rows.reshape(len(rows), -1, k).transpose(0, 2, 1)  # (n, k*k, C_in)
+        u, _, _ = np.linalg.svd(per_filter, full_matrices=False)
+        proto = u[:, :, 0]
+    else:
+        proto = rows
+    norms = np.linalg.norm(proto, axis=1, keepdims=True)
+    return proto / np.where(norms > 0, norms, 1.0)
+
+
+def nearest_exact(proto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest neighbour of each prototype and its cosine distance 1 - |cos|, from the full matrix."""
+    distance = 1.0 - np.abs(proto @ proto.T)
+    np.fill_diagonal(distance, np.inf)
+    neighbour = np.argmin(distance, axis=1)
+    return neighbour, distance[np.arange(len(proto)), neighbour]
+
+
+def nystrom_factor(proto: np.ndarray, landmarks: int) -> np.ndarray:
+    """F with F F^T = the Nystrom approximation C W^+ C^T of the similarity matrix (exact when the landmark
+    count reaches the prototypes' rank).  Landmarks are the rows a pivoted QR picks first."""
+    m = min(landmarks, len(proto))
+    _, _, pivots = qr(proto.T, mode="economic", pivoting=True)
+    chosen = np.sort(pivots[:m])
+    columns = proto @ proto[chosen].T                     # C: (n, m)
+    w = columns[chosen]                                   # W: (m, m)
+    vals, vecs = np.linalg.eigh(w)
+    keep = vals > vals.max() * 1e-10
+    return columns @ (vecs[:, keep] / np.sqrt(vals[keep]))  # C W^{-1/2}
+
+
+def nearest_nystrom(proto: np.ndarray, landmarks: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest neighbours by |cos| from the Nystrom factor, with a k-d tree instead of the n x n matrix."""
+    factor = nystrom_factor(proto, landmarks)
+    norms = np.linalg.norm(factor, axis=1, keepdims=True)
+    unit = factor / np.where(norms > 0, norms, 1.0)
+    n = len(unit)
+    tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
+    dist, index = tree.query(unit, k=3)
+    neighbour = np.empty(n, dtype=np.int64)
+    chord = np.empty(n)
+    for i in range(n):
+        for d, j in zip(dist[i], index[i]):
+            if j % n != i:
+                neighbour[i], chord[i] = j % n, d
+                break
+    return neighbour, np.clip(chord ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
+
+
+def similarity(filters: FilterSet, **_) -> np.ndarray:
+    """Distance to the most similar other filter: a filter with a near-twin is redundant."""
+    if len(filters.rows) < 2:
+        return np.ones(len(filters.rows))
+    return nearest_exact(prototypes(filters))[1]
+
+
+def nystrom(filters: FilterSet, landmarks: int = 9, **_) -> np.ndarray:
+    if len(filters.rows) < 2:
+        return np.ones(len(filters.rows))
+    return nearest_nystrom(prototypes(filters), landmarks)[1]
+
+
+CRITERIA: dict[str, Callable[..., np.ndarray]] = {
+    "l1": l1, "l2": l2, "fpgm": fpgm, "random": random_scores, "similarity": similarity, "nystrom": nystrom,
 }
+BN_CRITERION = "bn"  # |gamma| of the BatchNormalizations on each channel (l2 where a group has none)
+CRITERION_NAMES = tuple(CRITERIA) + (BN_CRITERION,)
+AGGREGATIONS = ("first", "domino-o", "domino-io", "mean", "max")
+
+
+# --- filters of a group, BatchNorm folded
+
+def batchnorm_after(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Conv/Gemm/MatMul node name -> the BatchNormalization that alone reads its output."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.output[0] not in outputs:
+            after = readers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "BatchNormalization" and after[0].input[0] == node.output[0]:
+                found[node.name] = after[0]
+    return found
+
+
+def _bn_affine(bn: onnx.NodeProto, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) with BN(x) = scale * x + shift."""
+    eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    gamma, beta, mean, var = (weights(n).astype(np.float64) for n in bn.input[1:5])
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def _rows(member: Member, weights: Weights) -> np.ndarray:
+    array = np.moveaxis(weights(member.param), member.axis, 0)
+    return array.reshape(array.shape[0], -1)[member.positions].astype(np.float64)
+
+
+def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("producer",),
+                bn_after: dict[str, onnx.NodeProto] | None = None) -> list[FilterSet]:
+    """The group's layers of the given roles, each with weight (and bias) rows per position."""
+    bn_after = bn_after or {}
+    by_node: dict[tuple[str, str], list[Member]] = {}
+    for member in group.members:
+        if member.role in roles:
+            by_node.setdefault((member.node, member.role), []).append(member)
+    sets = []
+    for (node, role), members in by_node.items():
+        weight = max(members, key=lambda m: weights(m.param).ndim)
+        if weights(weight.param).ndim < 2 and role != "carrier":
+            continue  # a bias alone
+        same = [m for m in members if np.array_equal(m.positions, weight.positions)]
+        rows = _rows(weight, weights)
+        bias = next((_rows(m, weights)[:, 0] for m in same if m is not weight and weights(m.param).ndim == 1),
+                    np.zeros(len(rows)))
+        if role == "producer" and node in bn_after:
+            scale, shift = _bn_affine(bn_after[node], weights)
+            rows = rows * scale[weight.positions, None]
+            bias = bias * scale[weight.positions] + shift[weight.positions]
+        shape = weights(weight.param).shape
+        kernel = int(np.prod(shape[2:])) if len(shape) > 2 and weight.axis in (0, 1) else 1
+        per_position = sum(int(np.prod(weights(m.param).shape)) // weights(m.param).shape[m.axis] for m in members)
+        sets.append(FilterSet(node, role, np.column_stack([rows, bias]), weight.positions, weight.channels, kernel,
+                              per_position))
+    return sets
+
+
+def _accumulate(size: int, filters: FilterSet, scores: np.ndarray) -> np.ndarray:
+    out = np.zeros(size)
+    np.add.at(out, filters.channels, scores)
+    return out
+
+
+@dataclass
+class Scoring:
+    """What criteria read besides the group: weights, the BatchNorms of the graph, seed, Nystrom landmarks."""
+    weights: Weights
+    bn_after: dict[str, onnx.NodeProto]     # layer -> the BatchNormalization that alone reads it
+    batchnorms: dict[str, onnx.NodeProto]   # every BatchNormalization node by name
+    seed: int = 0
+    landmarks: int = 9
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, weights: Weights, seed: int = 0, landmarks: int = 9) -> "Scoring":
+        batchnorms = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
+        return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks)
+
+
+def channel_scores(group: Group, scoring: Scoring, criterion: str = "l2", aggregate: str = "domino-o",
+                   normalize: bool = False) -> np.ndarray:
+    """One score per channel of `group` (higher = keep)."""
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation '{aggregate}' (choose from {', '.join(AGGREGATIONS)})")
+    weights = scoring.weights
+    rng = np.random.default_rng(scoring.seed + group.id)
+    if criterion == BN_CRITERION:
+        combined = _bn_scores(group, scoring)
+        if combined is None:
+            return channel_scores(group, scoring, "l2", aggregate, normalize)
+    else:
+        score_fn = CRITERIA[criterion]
+        roles = {"first": ("producer",), "mean": ("producer",), "max": ("producer",),
+                 "domino-o": ("producer", "carrier"), "domino-io": ("producer", "carrier", "consumer")}[aggregate]
+        sets = filter_sets(group, weights, roles, scoring.bn_after)
+        if aggregate == "first":
+            sets = sets[:1]
+        per_set = [_accumulate(group.size, f, score_fn(f, rng=rng, landmarks=scoring.landmarks)) for f in sets]
+        if not per_set:
+            return np.zeros(group.size)
+        stacked = np.vstack(per_set)
+        combined = {"max": stacked.max(axis=0), "mean": stacked.mean(axis=0)}.get(aggregate, stacked.sum(axis=0))
+    if normalize:
+        combined = combined / np.maximum(removed_weights(group, weights), 1)
+    return combined
+
+
+def removed_weights(group: Group, weights: Weights) -> np.ndarray:
+    """How many weights removing each channel deletes, over every member of the group."""
+    count = np.zeros(group.size)
+    for member in group.members:
+        shape = weights(member.param).shape
+        np.add.at(count, member.channels, int(np.prod(shape)) // shape[member.axis])
+    return count
+
+
+def _bn_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
+    """Sum of |gamma| over the group's BatchNorms; None where the group has none."""
+    score = np.zeros(group.size)
+    found = False
+    for member in group.by_role("carrier"):
+        bn = scoring.batchnorms.get(member.node)
+        if bn is not None and member.param == bn.input[1]:
+            np.add.at(score, member.channels, np.abs(scoring.weights(member.param)[member.positions]))
+            found = True
+    return score if found else None

@@ -5,8 +5,9 @@
     onnx_prune.save(model, "out.onnx")
 """
 from onnx_prune.errors import PruneError
-from onnx_prune.pipeline import AnalysisReport, PruneReport, analyze, prepare, prune
+from onnx_prune.pipeline import AnalysisReport, PruneOptions, PruneReport, analyze, prepare, prune
 from onnx_prune.runtime.io import load, save
 
 __version__ = "0.1.0"
-__all__ = ["prune", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "AnalysisReport"]
+__all__ = ["prune", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "PruneOptions",
+           "AnalysisReport"]

@@ -1,6 +1,6 @@
 """`onnx-prune`: prune a model, or `analyze` / `bench` one.
 
-    onnx-prune IN OUT [--ratio R] [--criterion l1|l2] [--round-to N] [--exclude NODE ...] [--seed S]
+    onnx-prune IN OUT [--ratio R | --target-macs F | --target-params F] [--criterion C] [--aggregate A] ...
     onnx-prune analyze IN [--json]
     onnx-prune bench MODEL [OTHER] [--batch 1,8] [--provider cpu|cuda|tensorrt] [--threads N]
 """
@@ -24,10 +24,27 @@ def _prune_parser() -> argparse.ArgumentParser:
                "times models with onnxruntime.")
     p.add_argument("input", help="model to prune (.onnx; external data is read from beside it)")
     p.add_argument("output", help="where to write the pruned model (never the input)")
-    p.add_argument("--ratio", type=float, default=0.3, help="share of each group's channels to remove, in [0, 1) "
-                   "(default 0.3)")
-    p.add_argument("--criterion", default="l2", help="channel saliency: l1 or l2 filter norm summed over the "
-                   "group's producers (default l2)")
+    target = p.add_argument_group("target (one of; default --ratio 0.3)")
+    target.add_argument("--ratio", type=float, default=None,
+                        help="share of channels to remove, in [0, 1): per group (uniform) or overall (global)")
+    target.add_argument("--target-macs", type=float, metavar="F", help="keep this fraction of the MACs (within 1%%)")
+    target.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of the parameters")
+    p.add_argument("--criterion", default="l2", help="channel saliency: l1, l2, fpgm, bn, random, similarity, "
+                   "nystrom (data-free) or activation, apoz (need --calib); default l2")
+    p.add_argument("--aggregate", default="domino-o", help="how scores of coupled layers combine: domino-o (sum "
+                   "over producers, default), domino-io (and consumers), mean, max, first (first producer only)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide scores by the number of weights a channel's removal deletes")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
+                   help="same share from every group, or one ranking of all channels (default uniform)")
+    p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
+                   help="never remove more than this share of a group (default 1: no limit)")
+    p.add_argument("--method", default="prune", choices=["prune", "similarity"],
+                   help="prune: drop the lowest-scoring channels; similarity: drop one of each most similar pair")
+    p.add_argument("--compensate", action="store_true",
+                   help="with --method similarity: fold a removed channel into its most similar kept one")
+    p.add_argument("--landmarks", type=int, default=9, help="Nystrom landmark count (default 9: exact for 3x3)")
+    p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for the activation and apoz criteria")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="round each kept channel count up to a multiple of N (default 1)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
@@ -129,13 +146,16 @@ def run_prune(argv: list[str]) -> int:
     if Path(args.output).exists() and Path(args.input).exists() and \
             Path(args.output).resolve() == Path(args.input).resolve():
         raise PruneError(f"refusing to overwrite the input model {args.input}; choose another output path")
-    onnx_prune.pipeline.check_options(args.ratio, args.criterion, args.round_to)
+    options = onnx_prune.pipeline.PruneOptions(
+        ratio=args.ratio, target_macs=args.target_macs, target_params=args.target_params, criterion=args.criterion,
+        aggregate=args.aggregate, normalize=args.normalize, allocation=args.allocation, max_ratio=args.max_ratio,
+        round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
+        compensate=args.compensate, landmarks=args.landmarks, calib=args.calib, seed=args.seed)
+    onnx_prune.pipeline.check_options(options)
     started = time.perf_counter()
     _say(args, f"onnx-prune: analysing {args.input}")
     prepared = onnx_prune.prepare(args.input)
-    model, report = onnx_prune.prune(prepared, ratio=args.ratio, criterion=args.criterion,
-                                     round_to=args.round_to, exclude=args.exclude, seed=args.seed,
-                                     protect_first=args.protect_first)
+    model, report = onnx_prune.prune(prepared, options)
     save(model, args.output, input_path=args.input, external_data=args.external_data or prepared.external_data)
     result = report.to_dict()
     _say(args, f"onnx-prune: wrote {args.output} in {time.perf_counter() - started:.2f} s",

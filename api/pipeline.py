@@ -11,12 +11,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
-from onnx_prune.analysis.criteria import CRITERIA
+from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES, Scoring, channel_scores
 from onnx_prune.errors import PruneError
-from onnx_prune.passes.allocate import excluded_groups, uniform_plan
+from onnx_prune.passes.allocate import Allocator, CostModel, Target, excluded_groups
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
+from onnx_prune.passes.similarity import SimilaritySelect
+from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
 from onnx_prune.runtime import io
 from onnx_prune.runtime.cost import Cost, count_cost
 from onnx_prune.runtime.shapes import infer_shapes
@@ -148,13 +150,60 @@ class PruneReport:
         return out
 
 
-def check_options(ratio: float, criterion: str, round_to: int) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise PruneError(f"--ratio must be in [0, 1), got {ratio}")
-    if criterion not in CRITERIA:
-        raise PruneError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
-    if round_to < 1:
-        raise PruneError(f"--round-to must be a positive integer, got {round_to}")
+@dataclass
+class PruneOptions:
+    """Everything `prune` can be told; the CLI maps its flags one to one."""
+    ratio: float | None = None            # share of channels removed (0.3 when no target is given)
+    target_macs: float | None = None      # or: fraction of the original MACs to keep
+    target_params: float | None = None    # or: fraction of the original parameters to keep
+    criterion: str = "l2"
+    aggregate: str = "domino-o"
+    normalize: bool = False
+    allocation: str = "uniform"
+    max_ratio: float = 1.0
+    round_to: int = 1
+    exclude: list = field(default_factory=list)
+    protect_first: bool = False
+    method: str = "prune"                 # prune | similarity
+    compensate: bool = False
+    landmarks: int = 9
+    calib: str | None = None              # .npz for calibration-driven criteria
+    seed: int = 0
+
+    def target(self) -> Target:
+        if self.target_macs is None and self.target_params is None:
+            return Target(ratio=0.3 if self.ratio is None else self.ratio)
+        return Target(macs=self.target_macs, params=self.target_params)
+
+
+METHODS = ("prune", "similarity")
+
+
+def check_options(opts: PruneOptions) -> None:
+    given = [n for n, v in (("--ratio", opts.ratio), ("--target-macs", opts.target_macs),
+                            ("--target-params", opts.target_params)) if v is not None]
+    if len(given) > 1:
+        raise PruneError(f"give one target, not {' and '.join(given)}")
+    if opts.ratio is not None and not 0.0 <= opts.ratio < 1.0:
+        raise PruneError(f"--ratio must be in [0, 1), got {opts.ratio}")
+    for name, value in (("--target-macs", opts.target_macs), ("--target-params", opts.target_params)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise PruneError(f"{name} is the fraction to keep, in (0, 1], got {value}")
+    if not 0.0 < opts.max_ratio <= 1.0:
+        raise PruneError(f"--max-ratio must be in (0, 1], got {opts.max_ratio}")
+    if opts.criterion in CALIBRATION_CRITERIA and not opts.calib:
+        raise PruneError(f"criterion '{opts.criterion}' needs calibration data (--calib data.npz)")
+    if opts.criterion not in CRITERION_NAMES + CALIBRATION_CRITERIA:
+        raise PruneError(f"unknown criterion '{opts.criterion}' (choose from "
+                         f"{', '.join(CRITERION_NAMES + CALIBRATION_CRITERIA)})")
+    if opts.aggregate not in AGGREGATIONS:
+        raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
+    if opts.method not in METHODS:
+        raise PruneError(f"unknown method '{opts.method}' (choose from {', '.join(METHODS)})")
+    if opts.round_to < 1:
+        raise PruneError(f"--round-to must be a positive integer, got {opts.round_to}")
+    if opts.landmarks < 1:
+        raise PruneError(f"--landmarks must be positive, got {opts.landmarks}")
 
 
 def input_stem_nodes(model: onnx.ModelProto) -> list[str]:
@@ -163,36 +212,69 @@ def input_stem_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] in inputs]
 
 
-def build_plan(prepared: Prepared, ratio: float, criterion: str, round_to: int,
-               exclude: list[str], protect_first: bool) -> Plan:
-    patterns = list(exclude) + (input_stem_nodes(prepared.model) if protect_first else [])
+def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions) -> dict[int, np.ndarray]:
+    analysis = prepared.analysis
+    if opts.criterion in CALIBRATION_CRITERIA:
+        from onnx_prune.runtime.fidelity import load_npz_inputs
+
+        try:
+            inputs = load_npz_inputs(opts.calib, prepared.model)
+        except (ValueError, OSError) as err:
+            raise PruneError(f"--calib {opts.calib}: {err}") from None
+        scores = calibration_scores(prepared.model, analysis, group_ids, inputs, opts.criterion)
+        scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
+        for gid in group_ids:  # groups no consumer reads visibly fall back to l2
+            if gid not in scores:
+                scores[gid] = channel_scores(analysis.groups[gid], scoring, "l2", opts.aggregate)
+        return scores
+    scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
+    return {gid: channel_scores(analysis.groups[gid], scoring, opts.criterion, opts.aggregate, opts.normalize)
+            for gid in group_ids}
+
+
+def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> Plan:
+    """Scores for every group that may shrink, then the allocation of the target among them."""
+    patterns = list(opts.exclude) + (input_stem_nodes(prepared.model) if opts.protect_first else [])
     skip = excluded_groups(prepared.analysis, patterns)
-    weights = prepared.weights()
-    score = CRITERIA[criterion]
-    scores = {g.id: score(g, weights) for g in prepared.analysis.prunable_groups if g.id not in skip}
-    return uniform_plan(prepared.analysis, scores, ratio, round_to, skip)
+    group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
+    scores = group_scores(prepared, group_ids, opts)
+    cost_model = None
+    if cost is not None:
+        cost_model = CostModel.of(prepared.model, prepared.analysis, {n: c.macs for n, c in cost.per_node.items()})
+    allocator = Allocator(prepared.analysis, scores, cost_model, opts.round_to, opts.max_ratio)
+    select = None
+    if opts.method == "similarity":
+        scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
+        select = SimilaritySelect(scoring, opts.compensate, nystrom=opts.criterion == "nystrom")
+    return allocator.allocate(opts.target(), opts.allocation, select)
 
 
-def prune(model: ModelLike, ratio: float = 0.3, criterion: str = "l2", round_to: int = 1,
-          exclude: list[str] = (), seed: int = 0, protect_first: bool = False,
+def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
           ) -> tuple[onnx.ModelProto, PruneReport]:
-    """Remove the lowest-scoring `ratio` of channels of every prunable group.
+    """Remove (or merge) the least important channels of every prunable group.
 
-    Returns the pruned model (the input is not changed) and a report.  Raises PruneError for bad input.
+    Options are a `PruneOptions` or its fields as keywords, e.g. ``prune(path, ratio=0.3)`` or
+    ``prune(path, target_macs=0.5, criterion="fpgm", aggregate="domino-io", allocation="global")``.
+    Returns the new model (the input is not changed) and a report.  Raises PruneError for bad input.
     """
-    check_options(ratio, criterion, round_to)
+    opts = options or PruneOptions()
+    if kwargs:
+        unknown = set(kwargs) - set(PruneOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        opts = PruneOptions(**{**opts.__dict__, **kwargs})
+    check_options(opts)
     prepared = prepare(model)
     if not prepared.analysis.prunable_groups:
         reasons = sorted({r for g in prepared.analysis.groups for r in g.reasons})[:3]
         raise PruneError("nothing to prune: every channel is frozen" + (f" ({'; '.join(reasons)})" if reasons else ""))
-    plan = build_plan(prepared, ratio, criterion, round_to, list(exclude), protect_first)
+    before = _safe_cost(prepared.model)
+    plan = build_plan(prepared, opts, before)
     pruned = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
-    before, after = _safe_cost(prepared.model), _safe_cost(pruned)
+    after = _safe_cost(pruned)
     summary = summarize(prepared, plan, before)
-    options = {"ratio": ratio, "criterion": criterion, "round_to": round_to, "exclude": list(exclude),
-               "seed": seed, "protect_first": protect_first}
     report = PruneReport(
-        prepared.source, options,
+        prepared.source, dict(opts.__dict__, target=opts.target().describe()),
         before.macs if before else 0, after.macs if after else 0,
         before.params if before else 0, after.params if after else 0,
         sum(g.size for g in summary.groups), sum(g.kept for g in summary.groups), summary.groups)

@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis
+from onnx_prune.passes.allocate import kept_ids
 from onnx_prune.passes.base import PassResult, copy_model, output_dims
 from onnx_prune.passes.plan import Plan
 
@@ -27,7 +28,7 @@ class ApplyPlanPass:
         sizes = {g.id: g.size for g in self.analysis.groups}
         if not self.plan.removes_anything(sizes):
             return PassResult(copy_model(model), False)
-        kept = _kept_ids(self.analysis, self.plan)
+        kept = kept_ids(self.analysis, self.plan)
         out = copy_model(model)
         graph = out.graph
         inits = {t.name: t for t in graph.initializer}
@@ -53,20 +54,6 @@ class ApplyPlanPass:
         groups = np.unique(self.analysis.id_group[ids])
         return any(self.plan.groups.get(int(g)) is not None and self.plan.groups[int(g)].fold is not None
                    for g in groups)
-
-
-def _kept_ids(analysis: ChannelAnalysis, plan: Plan) -> np.ndarray:
-    """Bool per global channel id: does its channel survive the plan?"""
-    keep_masks = []
-    for group in analysis.groups:
-        mask = np.ones(group.size, dtype=bool)
-        if group.id in plan.groups:
-            mask[:] = False
-            mask[plan.groups[group.id].keep] = True
-        keep_masks.append(mask)
-    offsets = np.cumsum([0] + [g.size for g in analysis.groups])
-    flat = np.concatenate(keep_masks) if keep_masks else np.zeros(0, dtype=bool)
-    return flat[offsets[analysis.id_group] + analysis.id_channel]
 
 
 def _param_edits(analysis: ChannelAnalysis) -> dict[str, list[tuple[int, np.ndarray, str]]]:

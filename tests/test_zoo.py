@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import onnx_prune
-from onnx_prune.analysis.criteria import filter_norm
+from onnx_prune.analysis.criteria import Scoring, channel_scores
 from onnx_prune.passes.plan import GroupPlan, Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.pipeline import prepare
@@ -57,11 +57,12 @@ def test_zero_channels_are_removed_exactly(prepared):
     # One extra live channel removed must show.  Some channels are dead (a Relu of negatives), so try the
     # strongest remaining channels of the largest groups until one changes the output.
     zeroed_prepared = prepare(zeroed)
-    analysis, weights = zeroed_prepared.analysis, zeroed_prepared.weights()
+    analysis = zeroed_prepared.analysis
+    scoring = Scoring.of(zeroed_prepared.model, zeroed_prepared.weights())
     base = {g: np.setdiff1d(np.arange(analysis.groups[g].size), r) for g, r in chosen.items()}
     candidates = []
     for group in sorted((analysis.groups[g] for g in chosen), key=lambda g: -g.size)[:4]:
-        score = filter_norm(group, weights, "l1")
+        score = channel_scores(group, scoring, "l1")
         score[chosen[group.id]] = -1
         score[group.frozen] = -1
         candidates += [(group, int(c)) for c in np.argsort(-score, kind="stable")[:3]]
