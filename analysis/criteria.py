@@ -105,15 +105,11 @@ def nearest_nystrom(proto: np.ndarray, landmarks: int = 9) -> tuple[np.ndarray, 
     unit = factor / np.where(norms > 0, norms, 1.0)
     n = len(unit)
     tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
-    dist, index = tree.query(unit, k=3)
-    neighbour = np.empty(n, dtype=np.int64)
-    chord = np.empty(n)
-    for i in range(n):
-        for d, j in zip(dist[i], index[i]):
-            if j % n != i:
-                neighbour[i], chord[i] = j % n, d
-                break
-    return neighbour, np.clip(chord ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
+    chord, index = tree.query(unit, k=3, workers=-1)
+    other = (index % n) != np.arange(n)[:, None]  # drop the filter itself (at distance 0)
+    pick = np.argmax(other, axis=1)
+    rows = np.arange(n)
+    return index[rows, pick] % n, np.clip(chord[rows, pick] ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
 
 
 def similarity(filters: FilterSet, **_) -> np.ndarray:

@@ -33,12 +33,12 @@ class ApplyPlanPass:
         graph = out.graph
         inits = {t.name: t for t in graph.initializer}
         for param, edits in _param_edits(self.analysis).items():
-            if all(kept[ids].all() and not (role == "consumer" and self._folds(ids)) for _, ids, role in edits):
+            if all(kept[ids].all() and not self._combines(ids, role) for _, ids, role in edits):
                 continue
             array = numpy_helper.to_array(inits[param])
             for axis, ids, role in edits:
-                if role == "consumer" and self._folds(ids):
-                    array = _fold(array, axis, ids, self.analysis, self.plan, kept)
+                if self._combines(ids, role):
+                    array = _combine(array, axis, ids, self.analysis, self.plan, kept, _matrix_for(role))
                 elif not kept[ids].all():
                     array = np.take(array, np.nonzero(kept[ids])[0], axis=axis)
             inits[param].CopyFrom(numpy_helper.from_array(array, param))
@@ -50,10 +50,15 @@ class ApplyPlanPass:
             raise AssertionError("rewrite changed the graph outputs")
         return PassResult(out, True)
 
-    def _folds(self, ids: np.ndarray) -> bool:
-        groups = np.unique(self.analysis.id_group[ids])
-        return any(self.plan.groups.get(int(g)) is not None and self.plan.groups[int(g)].fold is not None
-                   for g in groups)
+    def _combines(self, ids: np.ndarray, role: str) -> bool:
+        """Does some group behind these positions mix channels (fold for consumers, merge for the rest)?"""
+        attribute = _matrix_for(role)
+        plans = (self.plan.groups.get(int(g)) for g in np.unique(self.analysis.id_group[ids]))
+        return any(p is not None and getattr(p, attribute) is not None for p in plans)
+
+
+def _matrix_for(role: str) -> str:
+    return "fold" if role == "consumer" else "merge"
 
 
 def _param_edits(analysis: ChannelAnalysis) -> dict[str, list[tuple[int, np.ndarray, str]]]:
@@ -73,9 +78,10 @@ def _occurrence(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fold(array: np.ndarray, axis: int, ids: np.ndarray, analysis: ChannelAnalysis, plan: Plan,
-          kept: np.ndarray) -> np.ndarray:
-    """Consumer weight after folding: new position j = sum over old positions p of R[p, j] * W[..., p]."""
+def _combine(array: np.ndarray, axis: int, ids: np.ndarray, analysis: ChannelAnalysis, plan: Plan,
+             kept: np.ndarray, attribute: str) -> np.ndarray:
+    """Weight after folding (consumers) or merging (producers, carriers): new position j = sum over old
+    positions p of R[p, j] * W[..., p], R built from the groups' C x K matrices."""
     groups, channels = analysis.id_group[ids], analysis.id_channel[ids]
     sub = _occurrence(ids)  # block maps (Flatten into Gemm) repeat a channel; match like with like
     new_positions = np.nonzero(kept[ids])[0]
@@ -86,12 +92,13 @@ def _fold(array: np.ndarray, axis: int, ids: np.ndarray, analysis: ChannelAnalys
     for j, p_new in enumerate(new_positions):
         g = int(groups[p_new])
         gplan = plan.groups.get(g)
-        if gplan is None or gplan.fold is None:
+        matrix = None if gplan is None else getattr(gplan, attribute)
+        if matrix is None:
             rows.append(p_new), cols.append(j), vals.append(1.0)
             continue
         column = int(np.searchsorted(gplan.keep, channels[p_new]))
         olds = np.asarray(by_group_sub[(g, int(sub[p_new]))])
-        weights = gplan.fold[channels[olds], column]
+        weights = matrix[channels[olds], column]
         nonzero = weights != 0
         rows.extend(olds[nonzero]), cols.extend([j] * int(nonzero.sum())), vals.extend(weights[nonzero])
     moved = np.moveaxis(array, axis, -1)

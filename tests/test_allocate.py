@@ -35,3 +35,32 @@ def test_protect_first_keeps_the_stem():
     _, report = onnx_prune.prune(fixture_path("concat"), ratio=0.5, protect_first=True)
     stem = next(g for g in report.groups if g.name == "conv0")
     assert stem.kept == stem.size
+
+
+def test_global_allocation_respects_max_ratio_and_never_empties():
+    prepared = prepare(fixture_path("residual_add"))
+    _, report = onnx_prune.prune(prepared, ratio=0.6, allocation="global", max_ratio=0.5)
+    for g in report.groups:
+        if g.size - g.frozen > 0:
+            assert g.kept >= g.size - int(0.5 * g.size) and g.kept >= 1
+    total = sum(g.size for g in report.groups if g.size - g.frozen > 0)
+    kept = sum(g.kept for g in report.groups if g.size - g.frozen > 0)
+    assert kept < total
+
+
+def test_global_differs_from_uniform():
+    _, uniform = onnx_prune.prune(fixture_path("concat"), ratio=0.4)
+    _, global_ = onnx_prune.prune(fixture_path("concat"), ratio=0.4, allocation="global")
+    assert [g.kept for g in uniform.groups] != [g.kept for g in global_.groups]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(ratio=0.3, target_macs=0.5), "give one target"),
+    (dict(target_macs=1.5), "fraction to keep"),
+    (dict(max_ratio=0.0), "--max-ratio"),
+    (dict(criterion="apoz"), "needs calibration data"),
+    (dict(aggregate="sum"), "unknown aggregation"),
+])
+def test_bad_options_are_refused(kwargs, words):
+    with pytest.raises(onnx_prune.PruneError, match=words):
+        onnx_prune.prune(fixture_path("se"), **kwargs)

@@ -189,3 +189,33 @@ def test_pruning_is_deterministic():
     a, _ = onnx_prune.prune(fixture_path("channel_shuffle"), ratio=0.4, seed=3)
     b, _ = onnx_prune.prune(fixture_path("channel_shuffle"), ratio=0.4, seed=3)
     assert a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("name", ["residual_add", "depthwise", "se", "constant_weights", "opset21"])
+def test_fold_batchnorm_keeps_the_function(name):
+    from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
+
+    prepared = prepare(fixture_path(name))
+    result = FoldBatchNormPass()(prepared.model)
+    assert result.modified
+    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = feeds_for(prepared.model)
+    assert relative_error(run(prepared.model, feeds), run(result.model, feeds)) < 1e-5
+
+
+def test_merge_matrix_averages_duplicate_producers_exactly():
+    """A centroid merge: kept row = mean of two identical rows, consumers sum both columns."""
+    prepared = prepare(fixture_path("flatten_gemm"))
+    group = next(g for g in prepared.analysis.groups if "conv0" in g.nodes("producer"))
+    duplicated = duplicate_model(prepared, group, 0, 2)
+    keep = np.array([0, 1, 3])
+    fold = np.eye(4)[:, keep]
+    fold[2, 0] = 1.0
+    merge = np.eye(4)[:, keep]
+    merge[[0, 2], 0] = 0.5
+    plan = Plan({group.id: GroupPlan(keep, fold, merge)})
+    merged = ApplyPlanPass(prepared.analysis, plan)(duplicated).model
+    feeds = feeds_for(prepared.model)
+    assert relative_error(run(duplicated, feeds), run(merged, feeds)) < 1e-5
+    assert Plan.from_json(plan.to_json()).groups[group.id].merge.tolist() == merge.tolist()

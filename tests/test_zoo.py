@@ -103,3 +103,22 @@ def test_external_data_in_external_data_out(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     feeds = feeds_for(prepared_model.model, batch=1, samples=1)
     assert relative_error(run(pruned, feeds), run(reloaded, feeds)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_mac_target_is_met_within_one_percent(name, allocation):
+    from onnx_prune.runtime.cost import count_cost
+
+    path = zoo_model(name, "torchscript")
+    pruned, report = onnx_prune.prune(path, target_macs=0.5, allocation=allocation)
+    achieved = count_cost(pruned).macs / report.macs_before
+    assert abs(achieved - 0.5) <= 0.005, achieved  # within 1% of the target
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_param_target_with_rounding(tmp_path):
+    from onnx_prune.runtime.cost import count_cost
+
+    pruned, report = onnx_prune.prune(zoo_model("resnet18", "torchscript"), target_params=0.6, round_to=8)
+    assert abs(count_cost(pruned).params / report.params_before - 0.6) <= 0.006
