@@ -179,6 +179,26 @@ class PruneOptions:
 METHODS = ("prune", "similarity")
 
 
+@dataclass
+class SweepConfig:
+    label: str
+    options: dict                 # `prune` keywords besides the target
+    needs_calibration: bool = False  # the benchmark supplies `calib`
+
+
+def sweep_configurations() -> list[SweepConfig]:
+    """Every method and option set worth comparing at one target.
+
+    Benchmarks iterate over this list, so a method appears in their tables as soon as it is added here.
+    """
+    configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a})
+               for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
+    configs += [SweepConfig("similarity-select", {"method": "similarity"}),
+                SweepConfig("similarity-select+compensate", {"method": "similarity", "compensate": True})]
+    configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
+    return configs
+
+
 def check_options(opts: PruneOptions) -> None:
     given = [n for n, v in (("--ratio", opts.ratio), ("--target-macs", opts.target_macs),
                             ("--target-params", opts.target_params)) if v is not None]

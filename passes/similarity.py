@@ -7,7 +7,7 @@ its nearest kept neighbour, scaled by the ratio of their filter norms, as a Plan
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,13 +36,17 @@ class SimilaritySelect:
     scoring: Scoring
     compensate: bool = False
     nystrom: bool = False
+    _seen: dict = field(default_factory=dict, repr=False)  # group id -> prototypes, neighbours (targets re-ask)
+
+    def _neighbours(self, group: Group):
+        if group.id not in self._seen:
+            proto, norms = channel_prototypes(group, self.scoring)
+            nearest = nearest_nystrom(proto, self.scoring.landmarks) if self.nystrom else nearest_exact(proto)
+            self._seen[group.id] = (proto, norms, *nearest)
+        return self._seen[group.id]
 
     def __call__(self, group: Group, n_keep: int) -> GroupPlan:
-        proto, norms = channel_prototypes(group, self.scoring)
-        if self.nystrom:
-            neighbour, distance = nearest_nystrom(proto, self.scoring.landmarks)
-        else:
-            neighbour, distance = nearest_exact(proto)
+        proto, norms, neighbour, distance = self._neighbours(group)
         n_remove = group.size - n_keep
         state = np.where(group.frozen, 1, 0)  # 1 kept, -1 redundant, 0 undecided
         removed = 0
