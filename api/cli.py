@@ -2,6 +2,7 @@
 
     onnx-prune IN OUT [--ratio R | --target-macs F | --target-params F] [--criterion C] [--aggregate A] ...
     onnx-prune analyze IN [--json]
+    onnx-prune plan IN PLAN.json [options]    then    onnx-prune apply IN PLAN.json OUT
     onnx-prune bench MODEL [OTHER] [--batch 1,8] [--provider cpu|cuda|tensorrt] [--threads N]
 """
 from __future__ import annotations
@@ -14,16 +15,9 @@ import traceback
 
 from onnx_prune.errors import PruneError
 
-SUBCOMMANDS = ("analyze", "bench")
 
-
-def _prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="onnx-prune", description="Remove whole channels from an ONNX CNN and write a smaller dense model.",
-        epilog="Subcommands: 'onnx-prune analyze IN' shows the channel groups; 'onnx-prune bench MODEL [OTHER]' "
-               "times models with onnxruntime.")
-    p.add_argument("input", help="model to prune (.onnx; external data is read from beside it)")
-    p.add_argument("output", help="where to write the pruned model (never the input)")
+def _add_choice_options(p: argparse.ArgumentParser) -> None:
+    """What to remove: the options `prune` and `plan` share."""
     target = p.add_argument_group("target (one of; default --ratio 0.3)")
     target.add_argument("--ratio", type=float, default=None,
                         help="share of channels to remove, in [0, 1): per group (uniform) or overall (global)")
@@ -52,6 +46,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-first", action="store_true",
                    help="also leave whole the groups of layers that read the graph input (the stem)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated validation inputs (default 0)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """How to write and check the result: the options `prune` and `apply` share."""
     p.add_argument("--report", metavar="FILE", help="write the report as JSON")
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUT.data beside the model (default: only if the input did or >2 GB)")
@@ -61,6 +59,37 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims other than batch (generated inputs)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnx-prune", description="Remove whole channels from an ONNX CNN and write a smaller dense model.",
+        epilog="Subcommands: 'onnx-prune analyze IN' shows the channel groups; 'onnx-prune plan IN PLAN.json' "
+               "writes the plan for review and 'onnx-prune apply IN PLAN.json OUT' applies it; "
+               "'onnx-prune bench MODEL [OTHER]' times models with onnxruntime.")
+    p.add_argument("input", help="model to prune (.onnx; external data is read from beside it)")
+    p.add_argument("output", help="where to write the pruned model (never the input)")
+    _add_choice_options(p)
+    _add_output_options(p)
+    return p
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnx-prune plan", description="Write the plan (kept channels per group) "
+                                "that the same options would apply, as JSON to review or edit.")
+    p.add_argument("input")
+    p.add_argument("plan", help="JSON file to write")
+    _add_choice_options(p)
+    return p
+
+
+def _apply_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnx-prune apply", description="Apply a plan written by 'onnx-prune plan'.")
+    p.add_argument("input")
+    p.add_argument("plan")
+    p.add_argument("output")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated validation inputs (default 0)")
+    _add_output_options(p)
     return p
 
 
@@ -135,27 +164,29 @@ def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
-def run_prune(argv: list[str]) -> int:
-    args = _prune_parser().parse_args(argv)
-    from pathlib import Path
+def _options_from(args):
+    from onnx_prune.pipeline import PruneOptions, check_options
 
-    import onnx_prune
-    import onnx_prune.pipeline
-    from onnx_prune.runtime.io import save
-
-    if Path(args.output).exists() and Path(args.input).exists() and \
-            Path(args.output).resolve() == Path(args.input).resolve():
-        raise PruneError(f"refusing to overwrite the input model {args.input}; choose another output path")
-    options = onnx_prune.pipeline.PruneOptions(
+    options = PruneOptions(
         ratio=args.ratio, target_macs=args.target_macs, target_params=args.target_params, criterion=args.criterion,
         aggregate=args.aggregate, normalize=args.normalize, allocation=args.allocation, max_ratio=args.max_ratio,
         round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
         compensate=args.compensate, landmarks=args.landmarks, calib=args.calib, seed=args.seed)
-    onnx_prune.pipeline.check_options(options)
-    started = time.perf_counter()
-    _say(args, f"onnx-prune: analysing {args.input}")
-    prepared = onnx_prune.prepare(args.input)
-    model, report = onnx_prune.prune(prepared, options)
+    check_options(options)
+    return options
+
+
+def _refuse_same_path(source: str, target: str) -> None:
+    from pathlib import Path
+
+    if Path(target).exists() and Path(source).exists() and Path(target).resolve() == Path(source).resolve():
+        raise PruneError(f"refusing to overwrite the input model {source}; choose another output path")
+
+
+def _finish(args, prepared, model, report, started: float) -> int:
+    """Save, summarise, validate and report: what `prune` and `apply` share."""
+    from onnx_prune.runtime.io import save
+
     save(model, args.output, input_path=args.input, external_data=args.external_data or prepared.external_data)
     result = report.to_dict()
     _say(args, f"onnx-prune: wrote {args.output} in {time.perf_counter() - started:.2f} s",
@@ -182,6 +213,49 @@ def run_prune(argv: list[str]) -> int:
     if args.report:
         _write_json(args.report, result)
     return 0
+
+
+def run_prune(argv: list[str]) -> int:
+    args = _prune_parser().parse_args(argv)
+    import onnx_prune
+
+    _refuse_same_path(args.input, args.output)
+    options = _options_from(args)
+    started = time.perf_counter()
+    _say(args, f"onnx-prune: analysing {args.input}")
+    prepared = onnx_prune.prepare(args.input)
+    model, report = onnx_prune.prune(prepared, options)
+    return _finish(args, prepared, model, report, started)
+
+
+def run_plan(argv: list[str]) -> int:
+    args = _plan_parser().parse_args(argv)
+    from onnx_prune.pipeline import make_plan, plan_to_json
+
+    _refuse_same_path(args.input, args.plan)
+    plan, prepared = make_plan(args.input, _options_from(args))
+    text = plan_to_json(plan, prepared)
+    with open(args.plan, "w") as f:
+        f.write(text + "\n")
+    print(f"onnx-prune: wrote a plan for {len(plan.groups)} groups to {args.plan}", file=sys.stderr)
+    return 0
+
+
+def run_apply(argv: list[str]) -> int:
+    args = _apply_parser().parse_args(argv)
+    import onnx_prune
+    from onnx_prune.pipeline import apply_plan
+
+    _refuse_same_path(args.input, args.output)
+    try:
+        with open(args.plan) as f:
+            plan_json = f.read()
+    except OSError as err:
+        raise PruneError(f"cannot read the plan {args.plan}: {err.strerror}") from None
+    started = time.perf_counter()
+    prepared = onnx_prune.prepare(args.input)
+    model, report = apply_plan(prepared, plan_json)
+    return _finish(args, prepared, model, report, started)
 
 
 def _reduction(before: int, after: int) -> str:
@@ -248,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    command = {"analyze": run_analyze, "bench": run_bench}.get(argv[0] if argv else "", run_prune)
+    commands = {"analyze": run_analyze, "bench": run_bench, "plan": run_plan, "apply": run_apply}
+    command = commands.get(argv[0] if argv else "", run_prune)
     if command is not run_prune:
         argv = argv[1:]
     try:

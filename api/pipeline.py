@@ -1,6 +1,7 @@
 """The pipeline behind the CLI and the Python API: load, analyse, score, allocate, rewrite."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -269,6 +270,73 @@ def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None)
     return allocator.allocate(opts.target(), opts.allocation, select)
 
 
+def _options(options: PruneOptions | None, kwargs: dict) -> PruneOptions:
+    opts = options or PruneOptions()
+    if kwargs:
+        unknown = set(kwargs) - set(PruneOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        opts = PruneOptions(**{**opts.__dict__, **kwargs})
+    check_options(opts)
+    return opts
+
+
+def _prunable(prepared: Prepared) -> Prepared:
+    if not prepared.analysis.prunable_groups:
+        reasons = sorted({r for g in prepared.analysis.groups for r in g.reasons})[:3]
+        raise PruneError("nothing to prune: every channel is frozen" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    return prepared
+
+
+def make_plan(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
+              ) -> tuple[Plan, Prepared]:
+    """The Plan `prune` would apply (and the prepared model it refers to), to review or edit."""
+    opts = _options(options, kwargs)
+    prepared = _prunable(prepare(model))
+    return build_plan(prepared, opts, _safe_cost(prepared.model)), prepared
+
+
+def plan_to_json(plan: Plan, prepared: Prepared) -> str:
+    """The plan with each group's name and size, so that applying it to another model is caught."""
+    data = json.loads(plan.to_json())
+    for gid, entry in data.items():
+        group = prepared.analysis.groups[int(gid)]
+        entry.update(name=group.name, size=group.size)
+    return json.dumps(data, indent=1)
+
+
+def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.ModelProto, PruneReport]:
+    """Apply a reviewed (possibly edited) plan written by `plan_to_json`."""
+    prepared = prepare(model)
+    try:
+        raw = json.loads(plan_json)
+        plan = Plan.from_json(plan_json)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PruneError(f"not a valid plan: {err}") from None
+    groups = prepared.analysis.groups
+    for gid, entry in raw.items():
+        group = groups[int(gid)] if int(gid) < len(groups) else None
+        if group is None or group.name != entry.get("name") or group.size != entry.get("size"):
+            raise PruneError(f"plan group {gid} ({entry.get('name')}) does not match this model")
+        keep = plan.groups[int(gid)].keep
+        if keep.max() >= group.size or not set(np.nonzero(group.frozen)[0]) <= set(keep.tolist()):
+            raise PruneError(f"plan group {gid} ({group.name}) removes frozen or unknown channels")
+    return _apply(prepared, plan, {"plan": "from file"})
+
+
+def _apply(prepared: Prepared, plan: Plan, options_shown: dict) -> tuple[onnx.ModelProto, PruneReport]:
+    before = _safe_cost(prepared.model)
+    pruned = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    after = _safe_cost(pruned)
+    summary = summarize(prepared, plan, before)
+    report = PruneReport(
+        prepared.source, options_shown,
+        before.macs if before else 0, after.macs if after else 0,
+        before.params if before else 0, after.params if after else 0,
+        sum(g.size for g in summary.groups), sum(g.kept for g in summary.groups), summary.groups)
+    return pruned, report
+
+
 def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove (or merge) the least important channels of every prunable group.
@@ -277,25 +345,7 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     ``prune(path, target_macs=0.5, criterion="fpgm", aggregate="domino-io", allocation="global")``.
     Returns the new model (the input is not changed) and a report.  Raises PruneError for bad input.
     """
-    opts = options or PruneOptions()
-    if kwargs:
-        unknown = set(kwargs) - set(PruneOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        opts = PruneOptions(**{**opts.__dict__, **kwargs})
-    check_options(opts)
-    prepared = prepare(model)
-    if not prepared.analysis.prunable_groups:
-        reasons = sorted({r for g in prepared.analysis.groups for r in g.reasons})[:3]
-        raise PruneError("nothing to prune: every channel is frozen" + (f" ({'; '.join(reasons)})" if reasons else ""))
-    before = _safe_cost(prepared.model)
-    plan = build_plan(prepared, opts, before)
-    pruned = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
-    after = _safe_cost(pruned)
-    summary = summarize(prepared, plan, before)
-    report = PruneReport(
-        prepared.source, dict(opts.__dict__, target=opts.target().describe()),
-        before.macs if before else 0, after.macs if after else 0,
-        before.params if before else 0, after.params if after else 0,
-        sum(g.size for g in summary.groups), sum(g.kept for g in summary.groups), summary.groups)
-    return pruned, report
+    opts = _options(options, kwargs)
+    prepared = _prunable(prepare(model))
+    plan = build_plan(prepared, opts, _safe_cost(prepared.model))
+    return _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))

@@ -113,3 +113,20 @@ def test_validation_on_user_inputs(tmp_path, capsys):
     code, _, err = _run(capsys, fixture_path("se"), tmp_path / "o.onnx", "--inputs", data, "--report", report)
     assert code == 0, err
     assert "3 samples from" in err and json.loads(report.read_text())["fidelity"]["samples"] == 3
+
+
+def test_plan_then_apply_equals_prune(tmp_path, capsys):
+    plan, direct, applied = tmp_path / "plan.json", tmp_path / "direct.onnx", tmp_path / "applied.onnx"
+    assert main([str(fixture_path("concat")), str(direct), "--ratio", "0.5", "--quiet"]) == 0
+    code, _, err = _run(capsys, "plan", fixture_path("concat"), plan, "--ratio", "0.5")
+    assert code == 0, err
+    code, _, err = _run(capsys, "apply", fixture_path("concat"), plan, applied, "--quiet")
+    assert code == 0, err
+    assert direct.read_bytes() == applied.read_bytes()
+    # an edited plan that removes a channel of the wrong model or a frozen one is refused
+    data = json.loads(plan.read_text())
+    first = next(iter(data))
+    data[first]["size"] += 1
+    plan.write_text(json.dumps(data))
+    code, _, err = _run(capsys, "apply", fixture_path("concat"), plan, tmp_path / "x.onnx")
+    assert code == 1 and "does not match this model" in err and not (tmp_path / "x.onnx").exists()
