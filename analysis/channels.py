@@ -37,16 +37,28 @@ class Layout:
 class Elem:
     """One element of a tracked 1-D shape tensor (the output of Shape and what is computed from it).
 
-    kind: 'const' (from an initializer), 'chan' (the runtime channel count of `ids`), 'other' (batch,
-    spatial sizes, anything that does not depend on pruning).  `value` is its size when known (batch as 1).
+    kind: 'const' (from an initializer), 'chan' (computed from the runtime channel count of `ids`: `value`
+    now, `scale` times that count), 'other' (batch, spatial sizes, anything that does not depend on
+    pruning).  `value` is its size when known (batch as 1).
     """
     kind: str
     value: int | None
     source: tuple | None = None  # const: (node name, input index, element index)
     ids: np.ndarray | None = None  # chan: the channel ids counted
+    scale: float = 1.0  # chan: value / len(ids), e.g. 0.5 for C // 2
 
     def __hash__(self):  # pragma: no cover - not used as a key
         return id(self)
+
+
+@dataclass
+class CountConstraint:
+    """A shape value computed at run time must equal a count after any pruning:
+    scale * kept(counted) == kept(positions).  Checked once channels are known; frozen if it can fail."""
+    counted: np.ndarray
+    scale: float
+    positions: np.ndarray
+    reason: str
 
 
 @dataclass
@@ -142,6 +154,7 @@ class Context:
         self.producer_ids: list[np.ndarray] = []   # ids born together (one producer output): one group
         self.members: list[RawMember] = []
         self.shape_edits: list[ShapeEdit] = []
+        self.count_constraints: list[CountConstraint] = []
         self.param_ids: dict[tuple[str, int], np.ndarray] = {}
         self.claimed: set[tuple[str, int]] = set()  # (node name, input index) whose use of a weight is understood
         self._values: dict[str, np.ndarray] = {}
@@ -278,6 +291,14 @@ def _components(n: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarra
     return labels
 
 
+def _holds(constraint: CountConstraint, channel_of: np.ndarray, n_channels: int) -> bool:
+    """Whatever channels go, does scale * kept(counted) stay equal to kept(positions)?  It does exactly when
+    every channel occurs `1 / scale` times as often among `counted` as among `positions`."""
+    counted = np.bincount(channel_of[constraint.counted], minlength=n_channels)
+    positions = np.bincount(channel_of[constraint.positions], minlength=n_channels)
+    return bool(np.allclose(counted * constraint.scale, positions))
+
+
 def _first_occurrence_order(labels: np.ndarray) -> np.ndarray:
     """Relabel components 0, 1, … in the order their smallest id appears (deterministic, reads naturally)."""
     _, first = np.unique(labels, return_index=True)
@@ -309,6 +330,9 @@ def _partition(ctx: Context, node_ops: dict[str, str]) -> ChannelAnalysis:
     if n:
         id_channel = index_of_channel[channel_of]
 
+    for constraint in ctx.count_constraints:
+        if not _holds(constraint, channel_of, n_channels):
+            ctx.freeze(np.concatenate([constraint.counted, constraint.positions]), constraint.reason)
     frozen = [np.zeros(int(s), dtype=bool) for s in sizes]
     reasons: list[list[str]] = [[] for _ in range(n_groups)]
     for ids, reason in ctx.frozen:

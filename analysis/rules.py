@@ -7,13 +7,14 @@ that follow channels, and freezes what it cannot follow.  An op missing from the
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_prune.analysis.channels import Context, Elem, subgraph_reads
+from onnx_prune.analysis.channels import Context, CountConstraint, Elem, subgraph_reads
 
 INT64_MAX = 2**63 - 1
 
@@ -112,19 +113,31 @@ def _shapevec_passthrough(ctx: Context, node: onnx.NodeProto) -> None:
 
 
 def _shapevec_arith(ctx: Context, node: onnx.NodeProto) -> None:
-    """Arithmetic on shape elements: the result is no longer a channel count we could rewrite."""
-    for name in node.input:
-        ctx.freeze_tensor(name, f"channel count used in arithmetic by {_what(node)}")
+    """Arithmetic on shape elements.  A channel count combined with constants (TorchScript writes C // 2 for a
+    channel shuffle and (C + 1) // 2 for a chunk) stays tracked, as a multiple of the count; consumers check
+    that it stays consistent.  Anything else involving a channel count freezes it."""
+    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
     vecs = [shapevec(ctx, node, i) for i in range(len(node.input))]
-    if all(v is not None for v in vecs) and len({len(v) for v in vecs} - {1}) <= 1:
-        n = max(len(v) for v in vecs)
-        ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
-        op = ops.get(node.op_type)
-        values = []
-        for k in range(n):
-            args = [v[k if len(v) > 1 else 0].value for v in vecs]
-            values.append(int(op(*args)) if op is not None and None not in args and 0 not in args[1:] else None)
-        ctx.shapevecs[node.output[0]] = [Elem("other", v) for v in values]
+    op = ops.get(node.op_type)
+    if op is None or any(v is None for v in vecs) or len({len(v) for v in vecs} - {1}) > 1:
+        for name in node.input:
+            ctx.freeze_tensor(name, f"channel count used in arithmetic by {_what(node)}")
+        return
+    out = []
+    for k in range(max(len(v) for v in vecs)):
+        args = [v[k if len(v) > 1 else 0] for v in vecs]
+        values = [a.value for a in args]
+        value = int(op(*values)) if None not in values and 0 not in values[1:] else None
+        chans = [a for a in args if a.kind == "chan"]
+        if not chans:
+            out.append(Elem("other", value))
+        elif len(chans) == 1 and value is not None and all(a.value is not None for a in args):
+            out.append(Elem("chan", value, ids=chans[0].ids, scale=value / len(chans[0].ids)))
+        else:
+            for a in chans:
+                ctx.freeze(a.ids, f"channel count used in arithmetic by {_what(node)}")
+            out.append(Elem("other", value))
+    ctx.shapevecs[node.output[0]] = out
 
 
 def _has_shapevec_input(ctx: Context, node: onnx.NodeProto) -> bool:
@@ -473,10 +486,11 @@ def slice_(ctx: Context, node: onnx.NodeProto) -> None:
         if node.input[0] in ctx.shapevecs:
             _shapevec_slice(ctx, node)
         return
-    (starts, ends, axes, steps), missing = _slice_params(ctx, node)
+    (_, _, axes, steps), missing = _slice_params(ctx, node)
+    starts, ends = shapevec(ctx, node, 1), shapevec(ctx, node, 2)
     rank = len(ctx.dims(node.input[0]) or [])
-    if starts is None or ends is None or missing:
-        block(ctx, node, "slices with bounds that are not constant")
+    if starts is None or ends is None or set(missing) - set(node.input[1:3]):
+        block(ctx, node, "slices with bounds that are neither constant nor computed from the channel count")
         return
     axes = [_norm(int(a), rank) for a in (axes if axes is not None else range(len(starts)))]
     if lay.axis not in axes:
@@ -486,11 +500,35 @@ def slice_(ctx: Context, node: onnx.NodeProto) -> None:
     if steps is not None and int(steps[k]) != 1:
         block(ctx, node, "slices channels with a step other than 1")
         return
-    size = len(lay.ids)
-    start, end = (int(np.clip(v + size if v < 0 else v, 0, size)) for v in (int(starts[k]), int(ends[k])))
-    ctx.shape_edit(("input", node.name, 1, k), lay.ids[:start])
-    ctx.shape_edit(("input", node.name, 2, k), lay.ids[:end])
-    ctx.set_layout(node.output[0], lay.axis, lay.ids[start:end])
+    bounds = [_slice_bound(ctx, node, elem, lay.ids) for elem in (starts[k], ends[k])]
+    if None in bounds:
+        block(ctx, node, "slices channels at a bound computed in a way no rule follows")
+        return
+    ctx.set_layout(node.output[0], lay.axis, lay.ids[bounds[0]:bounds[1]])
+
+
+def _slice_bound(ctx: Context, node: onnx.NodeProto, elem: Elem, ids: np.ndarray) -> int | None:
+    """A Slice bound on the channel axis, made to follow pruning: a constant is rewritten to the kept count
+    before it; a bound computed as p/q of the channel count (a chunk) ties the q equal parts so that every
+    part keeps as many channels and the computed bound stays right."""
+    size = len(ids)
+    if elem.value is None:
+        return None
+    bound = int(np.clip(elem.value + size if elem.value < 0 else elem.value, 0, size))
+    if elem.kind == "const":
+        ctx.shape_edit(("input", *elem.source), ids[:bound])
+        return bound
+    if elem.kind != "chan":
+        return None
+    parts = Fraction(bound, size).denominator if size else 1
+    if parts > 8 or size % parts:
+        return None
+    equal_parts = ids.reshape(parts, -1)
+    for part in equal_parts[1:]:
+        ctx.tie(equal_parts[0], part)
+    ctx.count_constraints.append(CountConstraint(elem.ids, elem.scale, ids[:bound],
+                                                 f"{_what(node)} computes a bound that pruning could break"))
+    return bound
 
 
 def gather(ctx: Context, node: onnx.NodeProto) -> None:
@@ -558,7 +596,7 @@ def resize(ctx: Context, node: onnx.NodeProto) -> None:
         scales = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         sizes = shapevec(ctx, node, 3) if len(node.input) > 3 and node.input[3] else None
         if len(node.input) > 3 and node.input[3]:
-            if sizes is None or not _keeps_count(ctx, sizes[k], lay.ids):
+            if sizes is None or not _keeps_count(ctx, sizes[k], lay.ids, _what(node)):
                 block(ctx, node, "resizes to a channel count it computes in a way no rule follows")
                 return
         elif scales is None or float(scales[k]) != 1.0:
@@ -567,10 +605,13 @@ def resize(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_layout(node.output[0], lay.axis, lay.ids)
 
 
-def _keeps_count(ctx: Context, elem: Elem, ids: np.ndarray) -> bool:
+def _keeps_count(ctx: Context, elem: Elem, ids: np.ndarray, where: str = "") -> bool:
     """Can this shape element be kept equal to the number of kept positions among `ids`?"""
-    if elem.kind == "chan":
-        return np.array_equal(elem.ids, ids)
+    if elem.kind == "chan":  # computed at run time: right if the counts scale together (checked later)
+        ctx.count_constraints.append(CountConstraint(elem.ids, elem.scale, ids,
+                                                     f"{where or 'a shape'} computes a channel count that "
+                                                     "pruning could make inconsistent"))
+        return True
     if elem.kind == "const" and elem.source is not None and elem.value is not None:
         if elem.value != -1:
             node, index, element = elem.source
@@ -641,7 +682,9 @@ def reshape(ctx: Context, node: onnx.NodeProto) -> None:
     if in_dims is None:
         block(ctx, node, "reshapes a tensor of unknown shape")
         return
-    shape = [1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(in_dims)]
+    # batch pushed as 1; the channel axis has as many positions as ids even where inference lost its size
+    shape = [len(lay.ids) if i == lay.axis else (1 if i == 0 and not isinstance(d, int) else d)
+             for i, d in enumerate(in_dims)]
     if not _static(shape):
         block(ctx, node, "reshapes a tensor with dynamic dimensions")
         return
@@ -651,7 +694,7 @@ def reshape(ctx: Context, node: onnx.NodeProto) -> None:
     positions = np.broadcast_to(np.arange(size).reshape(index_shape), shape)
     moved = _numpy_reshape(ctx, node, positions)
     found = _channel_axis(moved) if moved is not None else None
-    if found is None or out_dims is None or not isinstance(out_dims[found[0]], int):
+    if found is None or out_dims is None or not _static_channel_dim(ctx, node, found[0], out_dims):
         block(ctx, node, "reshapes channels in a way that cannot be followed")
         return
     axis, rows = found
@@ -665,6 +708,15 @@ def reshape(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_layout(node.output[0], axis, out_ids)
 
 
+def _static_channel_dim(ctx: Context, node: onnx.NodeProto, axis: int, out_dims: list) -> bool:
+    """The output's channel axis must not absorb the batch (we pushed positions with a batch of 1): its size
+    is static, or the target shape spells it as a channel count or a constant."""
+    if isinstance(out_dims[axis], int):
+        return True
+    target = shapevec(ctx, node, 1) if node.op_type == "Reshape" else None
+    return target is not None and target[axis].kind in ("chan", "const") and target[axis].value not in (-1, 0)
+
+
 def _reshape_target_follows(ctx: Context, node: onnx.NodeProto, axis: int, out_ids, lay) -> bool:
     target = shapevec(ctx, node, 1)
     if any(e.kind == "chan" for k, e in enumerate(target) if k != axis):
@@ -672,7 +724,7 @@ def _reshape_target_follows(ctx: Context, node: onnx.NodeProto, axis: int, out_i
     elem = target[axis]
     if elem.kind == "const" and elem.value == 0 and not attr(node, "allowzero", 0):
         return axis == lay.axis and len(out_ids) == len(lay.ids)  # copies the input's channel dim
-    return _keeps_count(ctx, elem, out_ids)
+    return _keeps_count(ctx, elem, out_ids, _what(node))
 
 
 UNARY = """Relu LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Clip Elu Selu Celu Softplus Softsign Mish Gelu

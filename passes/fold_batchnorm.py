@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_prune.analysis.channels import subgraph_reads
 from onnx_prune.passes.base import PassResult, copy_model
 
 
@@ -40,6 +41,7 @@ class FoldBatchNormPass:
         for bn in folded:
             graph.node.remove(bn)
         used = {name for node in graph.node for name in node.input}
+        used |= set().union(*(subgraph_reads(node) for node in graph.node))  # outer-scope reads of If/Loop
         for tensor in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(tensor)
         return PassResult(model, bool(folded))

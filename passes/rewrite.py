@@ -68,6 +68,12 @@ def _param_edits(analysis: ChannelAnalysis) -> dict[str, list[tuple[int, np.ndar
     return edits
 
 
+def position_map(analysis: ChannelAnalysis, plan: Plan, ids: np.ndarray, attribute: str = "merge") -> np.ndarray:
+    """The P x K matrix R the rewrite applies along an axis whose positions carry channel `ids`:
+    new[..., j] = sum_p old[..., p] R[p, j] (`merge` as for producers' rows, `fold` as for consumers)."""
+    return _combine(np.eye(len(ids)), 1, ids, analysis, plan, kept_ids(analysis, plan), attribute)
+
+
 def _occurrence(keys: np.ndarray) -> np.ndarray:
     """For each position, how many earlier positions hold the same key (0 for the first)."""
     seen: dict[int, int] = defaultdict(int)
@@ -83,7 +89,9 @@ def _combine(array: np.ndarray, axis: int, ids: np.ndarray, analysis: ChannelAna
     """Weight after folding (consumers) or merging (producers, carriers): new position j = sum over old
     positions p of R[p, j] * W[..., p], R built from the groups' C x K matrices."""
     groups, channels = analysis.id_group[ids], analysis.id_channel[ids]
-    sub = _occurrence(ids)  # block maps (Flatten into Gemm) repeat a channel; match like with like
+    # A channel may own several positions (block maps of Flatten into Gemm repeat its id; a grouped conv
+    # repeats it under tied ids in every conv group): match the k-th position of a channel with the k-th.
+    sub = _occurrence(groups * (int(channels.max(initial=0)) + 1) + channels)
     new_positions = np.nonzero(kept[ids])[0]
     rows, cols, vals = [], [], []
     by_group_sub: dict[tuple[int, int], np.ndarray] = defaultdict(list)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .sessions import input_specs, resolve_input_shapes, value_dims
-from .shapes import inference_skeleton
+from .shapes import inference_skeleton, measure_shapes
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -68,19 +68,9 @@ def _measured_shapes(model: onnx.ModelProto, shapes: dict, input_shapes, batch: 
                      if name and not all(isinstance(d, int) for d in shapes.get(name) or [None])})
     if not needed:
         return {}
-    import onnxruntime as ort
-
     from .fidelity import make_inputs
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known_outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in needed if n not in known_outputs)
-    feed = make_inputs(model, shapes=input_shapes, samples=1, batch=batch)[0]
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(None, feed)
-    return {n: tuple(v.shape) for n, v in zip(names, values) if n in needed}
+    return measure_shapes(model, needed, make_inputs(model, shapes=input_shapes, samples=1, batch=batch)[0])
 
 
 def _float_weight_sizes(graph: onnx.GraphProto) -> dict[str, int]:

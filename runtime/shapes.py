@@ -52,6 +52,43 @@ def _dims(type_proto: onnx.TypeProto) -> list | None:
             for d in type_proto.tensor_type.shape.dim]
 
 
+def measure_shapes(model: onnx.ModelProto, names: list[str], feed: dict) -> dict[str, tuple]:
+    """Shapes of some intermediate tensors, measured by one onnxruntime run on `feed`."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {n: tuple(v.shape) for n, v in zip(names, session.run(names, feed))}
+
+
+def _fixed_except_batch(model: onnx.ModelProto) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    return bool(inputs) and all(d is not None and all(isinstance(x, int) for x in d[1:])
+                                for d in (_dims(i.type) for i in inputs))
+
+
+def _complete(model: onnx.ModelProto, shapes: dict[str, list | None]) -> None:
+    """Where inference lost a size that the inputs fix (a Slice bound or Reshape target computed from a
+    shape), measure it once at batch 1; the batch dim stays symbolic."""
+    from onnx_prune.runtime.fidelity import make_inputs
+
+    produced = [o for n in model.graph.node for o in n.output if o]
+    lost = [name for name in produced if shapes.get(name) is not None
+            and any(not isinstance(d, int) for d in shapes[name][1:])]
+    if not lost or not _fixed_except_batch(model):
+        return
+    try:
+        measured = measure_shapes(model, lost, make_inputs(model, samples=1, batch=1)[0])
+    except Exception:  # measuring is a bonus: rules freeze what they still cannot see
+        return
+    for name, dims in measured.items():
+        shapes[name] = [shapes[name][0]] + [int(d) for d in dims[1:]]
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list | None]:
     """Tensor name -> dims (int, symbolic str or None) for every value onnx can infer, plus initializers."""
     try:
@@ -63,4 +100,5 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list | None]:
         shapes[value.name] = _dims(value.type)
     for tensor in model.graph.initializer:
         shapes[tensor.name] = list(tensor.dims)
+    _complete(model, shapes)
     return shapes

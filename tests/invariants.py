@@ -94,13 +94,15 @@ def zero_model(prepared: Prepared, chosen: dict[int, np.ndarray]) -> onnx.ModelP
     return _edit_params(prepared, edit)
 
 
-def duplicate_model(prepared: Prepared, group: Group, source: int, copy: int) -> onnx.ModelProto:
-    """Channel `copy` of `group` made an exact duplicate of channel `source` in every producer and carrier."""
+def duplicate_model(prepared: Prepared, group: Group, source, copy) -> onnx.ModelProto:
+    """Channel `copy` of `group` made an exact duplicate of channel `source` in every producer and carrier
+    (or, for equal-length sequences, each copy[i] a duplicate of source[i])."""
     def edit(_group, member, array, _node):
-        src = member.positions[member.channels == source]
-        dst = member.positions[member.channels == copy]
         moved = np.moveaxis(array, member.axis, 0)
-        moved[dst] = moved[src]
+        for src_channel, dst_channel in zip(np.atleast_1d(source), np.atleast_1d(copy)):
+            src = member.positions[member.channels == src_channel]
+            dst = member.positions[member.channels == dst_channel]
+            moved[dst] = moved[src]
         return array
 
     edit.targets = [(group, m) for m in group.members if m.role in ("producer", "carrier")]

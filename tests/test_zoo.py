@@ -20,7 +20,7 @@ from build_zoo import EXPORTERS, MODELS  # noqa: E402 - plain lists, no torch im
 
 CASES = [(m, e) for m in MODELS for e in EXPORTERS]
 COVERED = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-           "regnet_y_400mf"]
+           "regnet_y_400mf", "shufflenet_v2_x1_0"]
 
 pytestmark = pytest.mark.zoo
 
