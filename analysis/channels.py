@@ -79,6 +79,7 @@ class ShapeEdit:
     """
     target: tuple
     ids: np.ndarray
+    computed: tuple | None = None  # the whole vector's values now, when the input is computed, not constant
 
 
 @dataclass
@@ -228,8 +229,8 @@ class Context:
         self.claimed.add((node.name, input_index))
         self.members.append(RawMember(role, node.name, param, axis, ids))
 
-    def shape_edit(self, target: tuple, ids: np.ndarray) -> None:
-        self.shape_edits.append(ShapeEdit(target, np.asarray(ids, dtype=np.int64)))
+    def shape_edit(self, target: tuple, ids: np.ndarray, computed: tuple | None = None) -> None:
+        self.shape_edits.append(ShapeEdit(target, np.asarray(ids, dtype=np.int64), computed))
 
 
 def analyze_channels(model: onnx.ModelProto, shapes: dict[str, list | None] | None = None) -> ChannelAnalysis:

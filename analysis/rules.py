@@ -7,7 +7,6 @@ that follow channels, and freezes what it cannot follow.  An op missing from the
 """
 from __future__ import annotations
 
-from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -500,34 +499,28 @@ def slice_(ctx: Context, node: onnx.NodeProto) -> None:
     if steps is not None and int(steps[k]) != 1:
         block(ctx, node, "slices channels with a step other than 1")
         return
-    bounds = [_slice_bound(ctx, node, elem, lay.ids) for elem in (starts[k], ends[k])]
+    bounds = [_slice_bound(ctx, node, index, vector, k, lay.ids) for index, vector in ((1, starts), (2, ends))]
     if None in bounds:
         block(ctx, node, "slices channels at a bound computed in a way no rule follows")
         return
     ctx.set_layout(node.output[0], lay.axis, lay.ids[bounds[0]:bounds[1]])
 
 
-def _slice_bound(ctx: Context, node: onnx.NodeProto, elem: Elem, ids: np.ndarray) -> int | None:
-    """A Slice bound on the channel axis, made to follow pruning: a constant is rewritten to the kept count
-    before it; a bound computed as p/q of the channel count (a chunk) ties the q equal parts so that every
-    part keeps as many channels and the computed bound stays right."""
-    size = len(ids)
-    if elem.value is None:
+def _slice_bound(ctx: Context, node: onnx.NodeProto, index: int, vector: list[Elem], k: int,
+                 ids: np.ndarray) -> int | None:
+    """A Slice bound on the channel axis, made to follow pruning: it becomes the kept count before it.  A bound
+    computed from the channel count (TorchScript's chunk: (C + 1) // 2) is replaced by that constant; the
+    model's channel counts do not depend on its input, so this changes nothing else."""
+    size, elem = len(ids), vector[k]
+    if elem.value is None or elem.kind == "other":
         return None
     bound = int(np.clip(elem.value + size if elem.value < 0 else elem.value, 0, size))
     if elem.kind == "const":
         ctx.shape_edit(("input", *elem.source), ids[:bound])
-        return bound
-    if elem.kind != "chan":
+    elif all(e.value is not None for e in vector):
+        ctx.shape_edit(("input", node.name, index, k), ids[:bound], tuple(e.value for e in vector))
+    else:
         return None
-    parts = Fraction(bound, size).denominator if size else 1
-    if parts > 8 or size % parts:
-        return None
-    equal_parts = ids.reshape(parts, -1)
-    for part in equal_parts[1:]:
-        ctx.tie(equal_parts[0], part)
-    ctx.count_constraints.append(CountConstraint(elem.ids, elem.scale, ids[:bound],
-                                                 f"{_what(node)} computes a bound that pruning could break"))
     return bound
 
 

@@ -132,6 +132,7 @@ def _apply_shape_edits(model: onnx.ModelProto, analysis: ChannelAnalysis, kept: 
         for name in node.input:
             readers[name] += 1
     input_values: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
+    computed: dict[tuple[str, int], tuple] = {}  # inputs computed at run time, replaced by constants
     for edit in analysis.shape_edits:
         count = int(kept[edit.ids].sum())
         kind, node_name = edit.target[0], edit.target[1]
@@ -142,6 +143,8 @@ def _apply_shape_edits(model: onnx.ModelProto, analysis: ChannelAnalysis, kept: 
                     a.i = count
         elif kind == "input":
             input_values[(node_name, edit.target[2])][edit.target[3]] = count
+            if edit.computed is not None:
+                computed[(node_name, edit.target[2])] = edit.computed
         elif kind == "split":
             input_values[(node_name, -1)][edit.target[2]] = count
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -152,12 +155,13 @@ def _apply_shape_edits(model: onnx.ModelProto, analysis: ChannelAnalysis, kept: 
             _write_split_sizes(graph, node, sizes, opset, inits, readers)
             continue
         name = node.input[index]
-        old = numpy_helper.to_array(inits[name])
+        old = np.asarray(computed[(node_name, index)], dtype=np.int64) if (node_name, index) in computed \
+            else numpy_helper.to_array(inits[name])
         new = old.copy().reshape(-1)
         for element, count in values.items():
             new[element] = count
         new = new.reshape(old.shape)
-        if np.array_equal(new, old):
+        if np.array_equal(new, old) and (node_name, index) not in computed:
             continue
         _set_input_constant(graph, node, index, new, inits, readers)
 
