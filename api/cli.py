@@ -33,12 +33,19 @@ def _add_choice_options(p: argparse.ArgumentParser) -> None:
                    help="same share from every group, or one ranking of all channels (default uniform)")
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="never remove more than this share of a group (default 1: no limit)")
-    p.add_argument("--method", default="prune", choices=["prune", "similarity"],
-                   help="prune: drop the lowest-scoring channels; similarity: drop one of each most similar pair")
+    p.add_argument("--method", default="prune", choices=["prune", "similarity", "centripetal"],
+                   help="prune: drop the lowest-scoring channels; similarity: drop one of each most similar pair; "
+                        "centripetal: k-means the filters of each group and merge every cluster into one channel")
     p.add_argument("--compensate", action="store_true",
                    help="with --method similarity: fold a removed channel into its most similar kept one")
+    p.add_argument("--medoid", action="store_true",
+                   help="with --method centripetal: keep each cluster's medoid instead of its centroid")
+    p.add_argument("--repair", action="store_true",
+                   help="refit the layers reading reduced channels by least squares on --calib data (any method)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="repair: ridge strength towards the current weights")
     p.add_argument("--landmarks", type=int, default=9, help="Nystrom landmark count (default 9: exact for 3x3)")
-    p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for the activation and apoz criteria")
+    p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for the activation and apoz criteria "
+                   "and for --repair")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="round each kept channel count up to a multiple of N (default 1)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
@@ -171,7 +178,8 @@ def _options_from(args):
         ratio=args.ratio, target_macs=args.target_macs, target_params=args.target_params, criterion=args.criterion,
         aggregate=args.aggregate, normalize=args.normalize, allocation=args.allocation, max_ratio=args.max_ratio,
         round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
-        compensate=args.compensate, landmarks=args.landmarks, calib=args.calib, seed=args.seed)
+        compensate=args.compensate, medoid=args.medoid, repair=args.repair, ridge=args.ridge,
+        landmarks=args.landmarks, calib=args.calib, seed=args.seed)
     check_options(options)
     return options
 

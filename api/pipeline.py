@@ -144,6 +144,7 @@ class PruneReport:
     channels_before: int
     channels_after: int
     groups: list[GroupSummary]
+    details: dict = field(default_factory=dict)  # method-specific: clusters, repair, blend, RED
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "groups"}
@@ -165,10 +166,13 @@ class PruneOptions:
     round_to: int = 1
     exclude: list = field(default_factory=list)
     protect_first: bool = False
-    method: str = "prune"                 # prune | similarity
-    compensate: bool = False
+    method: str = "prune"                 # prune | similarity | centripetal
+    compensate: bool = False              # similarity: fold removed channels into their nearest kept one
+    medoid: bool = False                  # centripetal: a cluster's medoid instead of its centroid
+    repair: bool = False                  # refit reduced layers by least squares on --calib data
+    ridge: float = 1e-3                   # repair: pull towards the current weights
     landmarks: int = 9
-    calib: str | None = None              # .npz for calibration-driven criteria
+    calib: str | None = None              # .npz for calibration-driven criteria and repair
     seed: int = 0
 
     def target(self) -> Target:
@@ -177,7 +181,7 @@ class PruneOptions:
         return Target(macs=self.target_macs, params=self.target_params)
 
 
-METHODS = ("prune", "similarity")
+METHODS = ("prune", "similarity", "centripetal")
 
 
 @dataclass
@@ -197,6 +201,9 @@ def sweep_configurations() -> list[SweepConfig]:
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
                 SweepConfig("similarity-select+compensate", {"method": "similarity", "compensate": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
+    configs += [SweepConfig("centripetal", {"method": "centripetal"}),
+                SweepConfig("centripetal+repair", {"method": "centripetal", "repair": True}, True),
+                SweepConfig("l2+repair", {"criterion": "l2", "repair": True}, True)]
     return configs
 
 
@@ -221,6 +228,10 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
     if opts.method not in METHODS:
         raise PruneError(f"unknown method '{opts.method}' (choose from {', '.join(METHODS)})")
+    if opts.repair and not opts.calib:
+        raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
+    if opts.ridge < 0:
+        raise PruneError(f"--ridge must be >= 0, got {opts.ridge}")
     if opts.round_to < 1:
         raise PruneError(f"--round-to must be a positive integer, got {opts.round_to}")
     if opts.landmarks < 1:
@@ -236,13 +247,8 @@ def input_stem_nodes(model: onnx.ModelProto) -> list[str]:
 def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions) -> dict[int, np.ndarray]:
     analysis = prepared.analysis
     if opts.criterion in CALIBRATION_CRITERIA:
-        from onnx_prune.runtime.fidelity import load_npz_inputs
-
-        try:
-            inputs = load_npz_inputs(opts.calib, prepared.model)
-        except (ValueError, OSError) as err:
-            raise PruneError(f"--calib {opts.calib}: {err}") from None
-        scores = calibration_scores(prepared.model, analysis, group_ids, inputs, opts.criterion)
+        scores = calibration_scores(prepared.model, analysis, group_ids, _calibration_inputs(prepared, opts),
+                                    opts.criterion)
         scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
         for gid in group_ids:  # groups no consumer reads visibly fall back to l2
             if gid not in scores:
@@ -255,8 +261,7 @@ def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions) -
 
 def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> Plan:
     """Scores for every group that may shrink, then the allocation of the target among them."""
-    patterns = list(opts.exclude) + (input_stem_nodes(prepared.model) if opts.protect_first else [])
-    skip = excluded_groups(prepared.analysis, patterns)
+    skip = excluded_groups(prepared.analysis, _exclusions(prepared, opts))
     group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
     scores = group_scores(prepared, group_ids, opts)
     cost_model = None
@@ -345,7 +350,38 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     ``prune(path, target_macs=0.5, criterion="fpgm", aggregate="domino-io", allocation="global")``.
     Returns the new model (the input is not changed) and a report.  Raises PruneError for bad input.
     """
+    from onnx_prune.passes.centripetal import centripetal_plan, prepare_folded  # they build on this module
+    from onnx_prune.passes.repair import repair
+
     opts = _options(options, kwargs)
     prepared = _prunable(prepare(model))
-    plan = build_plan(prepared, opts, _safe_cost(prepared.model))
-    return _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))
+    details: dict = {}
+    if opts.method == "centripetal":  # merging averages filters: fold BatchNorm into them first
+        prepared = _prunable(prepare_folded(prepared))
+        plan, clusters = centripetal_plan(prepared, opts.target(), medoid=opts.medoid, allocation=opts.allocation,
+                                          round_to=opts.round_to, max_ratio=opts.max_ratio,
+                                          exclude=tuple(_exclusions(prepared, opts)), seed=opts.seed)
+        details["clusters"] = [c.to_dict() for c in clusters]
+    else:
+        plan = build_plan(prepared, opts, _safe_cost(prepared.model))
+    pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))
+    if opts.repair:
+        repaired, repair_report = repair(prepared.model, pruned, _calibration_inputs(prepared, opts),
+                                         prepared.analysis, plan, ridge=opts.ridge, seed=opts.seed)
+        pruned = repaired
+        details["repair"] = repair_report.to_dict()
+    report.details.update(details)
+    return pruned, report
+
+
+def _exclusions(prepared: Prepared, opts: PruneOptions) -> list[str]:
+    return list(opts.exclude) + (input_stem_nodes(prepared.model) if opts.protect_first else [])
+
+
+def _calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
+    from onnx_prune.runtime.fidelity import load_npz_inputs
+
+    try:
+        return load_npz_inputs(opts.calib, prepared.model)
+    except (ValueError, OSError) as err:
+        raise PruneError(f"--calib {opts.calib}: {err}") from None

@@ -130,3 +130,18 @@ def test_plan_then_apply_equals_prune(tmp_path, capsys):
     plan.write_text(json.dumps(data))
     code, _, err = _run(capsys, "apply", fixture_path("concat"), plan, tmp_path / "x.onnx")
     assert code == 1 and "does not match this model" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_centripetal_with_repair_from_the_command_line(tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((8, 4, 3, 8, 8)).astype(np.float32))
+    report = tmp_path / "r.json"
+    code, _, err = _run(capsys, fixture_path("residual_add"), tmp_path / "o.onnx", "--method", "centripetal",
+                        "--target-macs", "0.6", "--repair", "--calib", data, "--report", report)
+    assert code == 0, err
+    details = json.loads(report.read_text())["details"]
+    assert details["clusters"] and details["repair"]["layers"]
+    code, _, err = _run(capsys, fixture_path("residual_add"), tmp_path / "p.onnx", "--repair")
+    assert code == 1 and "give --calib" in err

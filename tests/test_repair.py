@@ -1,0 +1,209 @@
+"""Least-squares repair: im2col against onnxruntime, the ridge fit, and held-out errors that really fall."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.passes.allocate import Target
+from onnx_prune.passes.centripetal import centripetal_plan, prepare_folded
+from onnx_prune.passes.repair import (Layer, NormalEquations, batch_feeds, intermediate_tensors, layer_rows, repair,
+                                      ridge_fit, split_feeds)
+from onnx_prune.passes.rewrite import ApplyPlanPass
+from onnx_prune.pipeline import PruneOptions, build_plan, prepare
+from onnx_prune.runtime.cost import count_cost
+
+from conftest import fixture_path, zoo_model
+from invariants import feeds_for, relative_error, run
+
+
+def _model(nodes, inits, x_shape, out_name, out_shape):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 2, 1]),
+    dict(kernel_shape=[3, 2], dilations=[2, 1], pads=[2, 1, 2, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 1], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_LOWER"),
+    dict(kernel_shape=[1, 1], strides=[2, 2], auto_pad="VALID"),
+], ids=["plain", "stride-asym-pad", "dilation", "same-upper", "same-lower", "valid"])
+def test_im2col_rows_times_weights_are_the_conv_output(attrs):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3) + tuple(attrs["kernel_shape"]))
+    b = rng.standard_normal(5)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)
+    model = _model([node], {"w": w, "b": b}, [2, 3, 9, 11], "y", ["n", 5, "h", "w"])
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    y = run(model, [{"x": x}])[0]
+    layer = Layer(model.graph.node[0])
+    rows = np.arange(y.size // y.shape[1])
+    features = layer_rows(layer, x, y.shape, w.shape[2:], rows)
+    theta = layer.theta({"w": w, "b": b})
+    expected = np.moveaxis(y, 1, -1).reshape(-1, 5)
+    assert np.allclose(features @ theta, expected, atol=1e-4)
+
+
+def test_ridge_fit_is_least_squares_without_penalty_and_the_old_weights_with_a_huge_one():
+    rng = np.random.default_rng(0)
+    x = np.hstack([rng.standard_normal((200, 6)), np.ones((200, 1))])
+    y = x @ rng.standard_normal((7, 3)) + 0.1 * rng.standard_normal((200, 3))
+    equations = NormalEquations.empty(7, 3)
+    equations.add(x[:120], y[:120])
+    equations.add(x[120:], y[120:])
+    theta0 = rng.standard_normal((7, 3))
+    assert np.allclose(ridge_fit(equations, theta0, ridge=0.0), np.linalg.lstsq(x, y, rcond=None)[0])
+    stiff = ridge_fit(equations, theta0, ridge=1e9, free_rows=1)
+    assert np.allclose(stiff[:-1], theta0[:-1], atol=1e-5)  # weights pinned, the bias row still fitted
+    assert np.allclose(stiff[-1], (y - x[:, :-1] @ theta0[:-1]).mean(axis=0), atol=1e-4)
+
+
+def test_feeds_split_deterministically_and_disjointly():
+    assert split_feeds(8) == ([0, 1, 2, 4, 5, 6], [3, 7])
+    assert split_feeds(3, 0.25) == ([0, 1], [2])
+    assert split_feeds(6, 0.5) == ([0, 2, 4], [1, 3, 5])
+    with pytest.raises(ValueError):
+        split_feeds(1)
+
+
+def test_feeds_are_batched_only_along_a_dynamic_batch_dim():
+    dynamic = prepare(fixture_path("residual_add")).model
+    feeds = feeds_for(dynamic, batch=1, samples=40)
+    runs = batch_feeds(feeds, dynamic, batch=16)
+    assert [len(r["x"]) for r in runs] == [5] * 8  # at most 16, but at least 8 runs
+    assert np.array_equal(np.concatenate([r["x"] for r in runs]), np.concatenate([f["x"] for f in feeds]))
+    assert [len(r["x"]) for r in batch_feeds(feeds_for(dynamic, batch=4, samples=40), dynamic, 16)] == [16] * 10
+    for fixed in ("resize_sizes", "if_subgraph"):  # batch fixed to 1; a scalar input
+        model = prepare(fixture_path(fixed)).model
+        feeds = feeds_for(model, batch=1, samples=20)
+        assert batch_feeds(feeds, model, 16) is feeds
+
+
+def _pruned(prepared, ratio=0.5):
+    plan = build_plan(prepared, PruneOptions(ratio=ratio), count_cost(prepared.model))
+    return plan, ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+
+
+def _check_repair(prepared, plan, reduced, calib, test, **options):
+    repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, **options)
+    onnx.checker.check_model(repaired, full_check=True)
+    assert report.layers and not report.skipped
+    for layer in report.layers:  # every refitted layer is closer to the original on held-out feeds
+        assert layer.applied and layer.error_after < layer.error_before, layer
+    original = run(prepared.model, test)
+    assert relative_error(original, run(repaired, test)) < 0.5 * relative_error(original, run(reduced, test))
+    return repaired, report
+
+
+@pytest.mark.parametrize("name", ["residual_add", "depthwise", "concat", "se", "nhwc_transpose"])
+def test_repair_after_pruning_lowers_every_layer_error_and_the_output_error(name):
+    prepared = prepare(fixture_path(name))
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
+    _check_repair(prepared, plan, reduced, calib, feeds_for(prepared.model, seed=2, batch=4, samples=4))
+
+
+@pytest.mark.parametrize("name", ["residual_add", "depthwise"])
+def test_repair_after_centripetal_merging(name):
+    prepared = prepare_folded(fixture_path(name))
+    plan, _ = centripetal_plan(prepared, Target(macs=0.5))
+    reduced = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
+    _, report = _check_repair(prepared, plan, reduced, calib, feeds_for(prepared.model, seed=2, batch=4, samples=4))
+    waves = [layer.wave for layer in report.layers]
+    assert waves == sorted(waves) and waves[-1] > 0
+    assert all(layer.node in report.format_table() for layer in report.layers)
+
+
+def test_layers_that_see_repaired_inputs_beat_one_pass_over_the_reduced_model():
+    prepared = prepare(fixture_path("depthwise"))
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
+    test = feeds_for(prepared.model, seed=2, batch=4, samples=4)
+    original = run(prepared.model, test)
+    errors = {}
+    for sequential in (True, False):
+        repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, sequential=sequential)
+        assert ({layer.wave for layer in report.layers} != {0}) == sequential
+        errors[sequential] = relative_error(original, run(repaired, test))
+    assert errors[True] < errors[False] < relative_error(original, run(reduced, test))
+
+
+def _odd_layers_model():
+    """Convs without bias (asymmetric pads, stride, dilation), a Gemm with alpha, beta and no transB."""
+    rng = np.random.default_rng(0)
+    inits = {"w0": rng.standard_normal((8, 3, 3, 3)), "w1": 0.3 * rng.standard_normal((8, 8, 3, 3)),
+             "fc.w": rng.standard_normal((8, 10)), "fc.b": rng.standard_normal(10)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 0, 2, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3], dilations=[2, 2],
+                         pads=[2, 1, 2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", alpha=0.5, beta=2.0),
+    ]
+    return _model(nodes, inits, ["N", 3, 12, 12], "logits", ["N", 10])
+
+
+def test_reported_errors_are_those_of_the_written_model():
+    """The refit is stored correctly (bias added to bias-less convs, Gemm alpha/beta undone): with every
+    position used, the repaired model's own held-out error of each layer is the reported one."""
+    prepared = prepare(_odd_layers_model())
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=8)
+    repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, rows=10 ** 7, batch=1)
+    assert [(l.node, l.applied) for l in report.layers] == [("conv1", True), ("fc", True)]
+    assert "conv1.repair_bias" in {t.name for t in repaired.graph.initializer}
+    held = [calib[i] for i in split_feeds(len(calib))[1]]
+    def output(model, name):
+        return np.concatenate([o[name] for o in intermediate_tensors(model, [name], held)])
+
+    for layer in report.layers:
+        name = next(n for n in prepared.model.graph.node if n.name == layer.node).output[0]
+        original = output(prepared.model, name)
+        if layer.node == "conv1":  # its own outputs were pruned too: the target is the kept ones
+            gid = int(prepared.analysis.id_group[prepared.analysis.layouts["c1"].ids[0]])
+            original = original[:, plan.groups[gid].keep]
+        mine = output(repaired, name)
+        measured = np.linalg.norm(mine - original) / np.linalg.norm(original)
+        assert measured == pytest.approx(layer.error_after, rel=1e-4)
+
+
+def test_a_refit_that_does_not_generalise_is_refused():
+    """flatten_gemm: the Gemm reads 16 columns per kept channel (33 features) and sees 36 fit rows (9 feeds of
+    4 samples), so the unregularised refit overfits; the held-out error says so and the old weights stay."""
+    prepared = prepare(fixture_path("flatten_gemm"))
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
+    repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
+    [layer] = report.layers
+    assert (layer.features, layer.rows_fit, layer.rows_held) == (33, 36, 12)
+    assert not layer.applied and layer.error_after >= layer.error_before
+    assert [numpy_helper.to_array(t).tolist() for t in repaired.graph.initializer] == \
+        [numpy_helper.to_array(t).tolist() for t in reduced.graph.initializer]
+
+
+def test_a_model_that_is_not_the_plans_original_is_refused():
+    prepared = prepare(fixture_path("residual_add"))
+    plan, reduced = _pruned(prepared)
+    other = prepare(fixture_path("concat")).model
+    with pytest.raises(ValueError, match="differs"):
+        repair(other, reduced, feeds_for(other, samples=2), prepared.analysis, plan)
+
+
+@pytest.mark.zoo
+def test_repair_on_a_pruned_zoo_model():
+    prepared = prepare(zoo_model("squeezenet1_1", "torchscript"))
+    plan, reduced = _pruned(prepared, 0.3)
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=4)
+    test = feeds_for(prepared.model, seed=2, batch=1, samples=2)
+    _check_repair(prepared, plan, reduced, calib, test, rows=1024)
