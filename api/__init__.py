@@ -6,8 +6,9 @@
 """
 from onnx_prune.errors import PruneError
 from onnx_prune.pipeline import AnalysisReport, PruneOptions, PruneReport, analyze, prepare, prune
+from onnx_prune.red import red
 from onnx_prune.runtime.io import load, save
 
 __version__ = "0.1.0"
-__all__ = ["prune", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "PruneOptions",
+__all__ = ["prune", "red", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "PruneOptions",
            "AnalysisReport"]

@@ -33,9 +33,16 @@ def _add_choice_options(p: argparse.ArgumentParser) -> None:
                    help="same share from every group, or one ranking of all channels (default uniform)")
     p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
                    help="never remove more than this share of a group (default 1: no limit)")
-    p.add_argument("--method", default="prune", choices=["prune", "similarity", "centripetal"],
+    p.add_argument("--method", default="prune", choices=["prune", "similarity", "centripetal", "red", "hash"],
                    help="prune: drop the lowest-scoring channels; similarity: drop one of each most similar pair; "
-                        "centripetal: k-means the filters of each group and merge every cluster into one channel")
+                        "centripetal: k-means the filters of each group and merge every cluster into one channel; "
+                        "red: data-free hashing + merging of identical channels (+ pruning to --target-macs) + "
+                        "uneven depthwise separation; hash: the weight hashing alone")
+    p.add_argument("--bandwidth", type=float, default=0.005, help="red/hash: KDE bandwidth (default 0.005)")
+    p.add_argument("--no-hash", dest="hash_weights", action="store_false", help="red: merge without hashing")
+    p.add_argument("--per-neuron", action="store_true", help="red/hash: one KDE per output neuron")
+    p.add_argument("--merge-tol", type=float, default=0.0,
+                   help="red: merge channels within this relative distance (default 0: identical only)")
     p.add_argument("--compensate", action="store_true",
                    help="with --method similarity: fold a removed channel into its most similar kept one")
     p.add_argument("--medoid", action="store_true",
@@ -179,6 +186,8 @@ def _options_from(args):
         aggregate=args.aggregate, normalize=args.normalize, allocation=args.allocation, max_ratio=args.max_ratio,
         round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
         compensate=args.compensate, medoid=args.medoid, repair=args.repair, ridge=args.ridge,
+        bandwidth=args.bandwidth, hash_weights=args.hash_weights, per_neuron=args.per_neuron,
+        merge_tol=args.merge_tol,
         landmarks=args.landmarks, calib=args.calib, seed=args.seed)
     check_options(options)
     return options

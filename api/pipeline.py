@@ -171,6 +171,10 @@ class PruneOptions:
     medoid: bool = False                  # centripetal: a cluster's medoid instead of its centroid
     repair: bool = False                  # refit reduced layers by least squares on --calib data
     ridge: float = 1e-3                   # repair: pull towards the current weights
+    bandwidth: float = 0.005              # red/hash: KDE bandwidth of the weight hashing
+    hash_weights: bool = True             # red: hash weights before merging (--no-hash)
+    per_neuron: bool = False              # red/hash: one KDE per output neuron
+    merge_tol: float = 0.0                # red: relative distance under which channels merge (0: identical)
     landmarks: int = 9
     calib: str | None = None              # .npz for calibration-driven criteria and repair
     seed: int = 0
@@ -181,7 +185,7 @@ class PruneOptions:
         return Target(macs=self.target_macs, params=self.target_params)
 
 
-METHODS = ("prune", "similarity", "centripetal")
+METHODS = ("prune", "similarity", "centripetal", "red", "hash")
 
 
 @dataclass
@@ -201,7 +205,8 @@ def sweep_configurations() -> list[SweepConfig]:
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
                 SweepConfig("similarity-select+compensate", {"method": "similarity", "compensate": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
-    configs += [SweepConfig("centripetal", {"method": "centripetal"}),
+    configs += [SweepConfig("red", {"method": "red"}),
+                SweepConfig("centripetal", {"method": "centripetal"}),
                 SweepConfig("centripetal+repair", {"method": "centripetal", "repair": True}, True),
                 SweepConfig("l2+repair", {"criterion": "l2", "repair": True}, True)]
     return configs
@@ -228,6 +233,8 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
     if opts.method not in METHODS:
         raise PruneError(f"unknown method '{opts.method}' (choose from {', '.join(METHODS)})")
+    if opts.repair and opts.method in ("red", "hash"):
+        raise PruneError("--repair works with prune, similarity and centripetal; RED is data-free")
     if opts.repair and not opts.calib:
         raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
     if opts.ridge < 0:
@@ -354,6 +361,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     from onnx_prune.passes.repair import repair
 
     opts = _options(options, kwargs)
+    if opts.method in ("red", "hash"):
+        return _red(model, opts)
     prepared = _prunable(prepare(model))
     details: dict = {}
     if opts.method == "centripetal":  # merging averages filters: fold BatchNorm into them first
@@ -372,6 +381,24 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
         details["repair"] = repair_report.to_dict()
     report.details.update(details)
     return pruned, report
+
+
+def _red(model: "ModelLike | Prepared", opts: PruneOptions) -> tuple[onnx.ModelProto, PruneReport]:
+    """RED (METHODS.md §2): hash, merge identical channels, prune the rest to a MAC target, separate."""
+    from onnx_prune.red import METHOD_PRESETS, red
+
+    prepared = prepare(model)
+    target = opts.target_macs
+    if target is None and opts.ratio is not None:
+        raise PruneError("--method red aims at --target-macs, not --ratio (without a target it merges only)")
+    reduced, details = red(prepared, **METHOD_PRESETS[opts.method], bandwidth=opts.bandwidth,
+                           hash_weights=opts.hash_weights, per_neuron=opts.per_neuron, merge_tol=opts.merge_tol,
+                           target_macs=target, criterion=opts.criterion if opts.criterion in CRITERION_NAMES
+                           else "l2", aggregate=opts.aggregate, allocation=opts.allocation, seed=opts.seed)
+    report = PruneReport(prepared.source, dict(opts.__dict__), details["macs_before"], details["macs_after"],
+                         details["params_before"], details["params_after"], details["channels_before"],
+                         details["channels_after"], [], {"red": details})
+    return reduced, report
 
 
 def _exclusions(prepared: Prepared, opts: PruneOptions) -> list[str]:

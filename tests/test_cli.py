@@ -145,3 +145,16 @@ def test_centripetal_with_repair_from_the_command_line(tmp_path, capsys):
     assert details["clusters"] and details["repair"]["layers"]
     code, _, err = _run(capsys, fixture_path("residual_add"), tmp_path / "p.onnx", "--repair")
     assert code == 1 and "give --calib" in err
+
+
+@pytest.mark.parametrize("args, key", [(["--method", "red", "--target-macs", "0.7"], "merge"),
+                                       (["--method", "hash"], "hash")])
+def test_red_and_hash_from_the_command_line(tmp_path, capsys, args, key):
+    report = tmp_path / "r.json"
+    code, _, err = _run(capsys, fixture_path("se"), tmp_path / "o.onnx", *args, "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["details"]["red"][key] is not None
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+    if "--target-macs" in args:
+        assert data["macs_after"] <= 0.71 * data["macs_before"]
