@@ -57,7 +57,8 @@ def load_dataset(name: str, full_test: bool):
         calibration, images, labels = images[:CALIBRATION_SAMPLES], images[CALIBRATION_SAMPLES:], \
             labels[CALIBRATION_SAMPLES:]
         if full_test:
-            images, labels = fashion_mnist.load_split("test")
+            raw, labels = fashion_mnist.load_split("test")
+            images = fashion_mnist.normalize(raw)
         return ROOT / "models" / "trained" / f"{name.removeprefix('fmnist_')}.onnx", images, labels, calibration
     if name == "mobilenet_v2_imagenet":
         import imagenet_eval
@@ -65,9 +66,7 @@ def load_dataset(name: str, full_test: bool):
         images, labels = imagenet_eval.load_imagenet_eval()
         path = ROOT / "models" / "zoo" / "mobilenet_v2_imagenet.onnx"
         if not path.exists():
-            import build_mobilenet_v2
-
-            build_mobilenet_v2.main([])
+            sys.exit(f"{path} missing: build it with  python models/pretrained/build_mobilenet_v2.py")
         return path, images, labels, images[:32]
     from conftest import zoo_model
     from invariants import feeds_for
@@ -183,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="fmnist_resnet20,fmnist_mobilenetv2,fmnist_densenet,fmnist_senet")
+    parser.add_argument("--models", default="fmnist_resnet20,fmnist_mobilenet_v2,fmnist_densenet,fmnist_se_net")
     parser.add_argument("--keep", default="0.9,0.7,0.5,0.3", help="shares of MACs kept")
     parser.add_argument("--only", help="comma-separated method labels (default: all)")
     parser.add_argument("--latency", action="store_true", help="also time each pruned model (slow)")
