@@ -11,7 +11,7 @@ new methods appear without touching this script.  Models:
 - `mobilenet_v2_imagenet` (pretrained; top-1 on the 20 labelled images, top-1/top-5 agreement and KL
   divergence against the unpruned model on the augmented crops);
 - any zoo model name (random weights: agreement only).
-Writes `<out>.json`, `<out>.md` and one `<out>_<model>.png` plot per model.
+Writes `<out>.json`, `<out>.md` and one plot per model, `docs/<out name>_<model>.png`.
 """
 from __future__ import annotations
 
@@ -201,8 +201,9 @@ def main(argv=None) -> int:
          "results": results}, indent=1))
     text = "\n\n".join(markdown(r) for r in results)
     out.with_suffix(".md").write_text(text + "\n")
+    (ROOT / "docs").mkdir(exist_ok=True)
     for r in results:
-        plot(r, out.parent / f"{out.name}_{r['model']}.png")
+        plot(r, ROOT / "docs" / f"{out.name}_{r['model']}.png")
     print(text)
     return 0
 
