@@ -11,15 +11,15 @@ provider measured.  Progress goes to stderr, one line per measurement.
 
 Timings on a small machine are only meaningful while nothing else runs.  Each measurement
 therefore records the share of CPU time other processes used meanwhile (from /proc/stat); a
-model whose measurements saw more than 10 % is measured again after waiting for the machine to
-become quiet (``--retries``, ``--quiet-wait``), and measurements still disturbed are named
-under the table.
+measurement that saw more than 10 % is taken again after waiting for the machine to become
+quiet (``--retries``, ``--quiet-wait``, ``--retry-budget``; the least disturbed attempt is
+kept), and measurements still disturbed are named under the table.
 
 Usage::
 
     python benchmarks/latency_table.py [--models resnet50,mobilenet_v2] [--ratios 0.25,0.5,0.75]
         [--round-to 1,8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
-        [--warmup 10] [--repeat 100] [--retries 2] [--quiet-wait 20] [--seed 0]
+        [--warmup 10] [--repeat 100] [--retries 2] [--quiet-wait 60] [--retry-budget 300] [--seed 0]
         [--out-dir benchmarks/results]
 
 Needs the zoo (``python models/build_zoo.py --models resnet50,mobilenet_v2 --exporters torchscript``).
@@ -97,8 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2,
                    help="re-measure a model up to this many times when other processes used more than "
                         f"{OTHER_LOAD_LIMIT:.0%} of the CPU meanwhile (the least disturbed attempt is kept)")
-    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="SECONDS",
+    p.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
                    help="before such a retry, wait up to this long for the machine to become quiet")
+    p.add_argument("--retry-budget", type=float, default=300.0, metavar="SECONDS",
+                   help="total time the whole run may spend on retries and waiting for quiet")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (and passed to prune)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where latency_<provider>.md/.json go")
     args = p.parse_args(argv)
@@ -111,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("threads", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.retries < 0 or args.quiet_wait < 0:
-        p.error("--warmup, --retries and --quiet-wait must be non-negative")
+    if min(args.warmup, args.retries, args.quiet_wait, args.retry_budget) < 0:
+        p.error("--warmup, --retries, --quiet-wait and --retry-budget must be non-negative")
     return args
 
 
@@ -272,8 +274,8 @@ def markdown_report(table: str, machine: dict, provider: str, args: argparse.Nam
         "MAC reduction = MACs before / MACs after; params kept = params after / params before; "
         "speed-up = original median / pruned median at the same batch; efficiency = speed-up / MAC reduction "
         "(1.00 = the runtime turns the whole theoretical gain into speed). The original is timed once per model; "
-        f"a model is timed again (up to {args.retries} more time(s)) when other processes disturbed its "
-        "measurement, and the least disturbed attempt is kept.",
+        f"a measurement is taken again (up to {args.retries} more time(s)) when other processes disturbed "
+        "it, and the least disturbed attempt is kept.",
         "",
         warning,
         "",
@@ -325,51 +327,68 @@ def main(argv: list[str] | None = None) -> int:
                 break
         return share
 
-    def timed(model_or_path, label: str) -> tuple[list, dict, int]:
-        """Time one model at every provider and batch; redo it (up to --retries times) when disturbed.
+    retry_seconds_left = args.retry_budget
 
-        Returns the results, (provider, batch) -> other processes' CPU share meanwhile, and attempts made.
+    def timed(model_or_path, label: str) -> tuple[list, dict, dict]:
+        """Time one model at every provider and batch, one batch at a time (same cached session).
+
+        A batch whose measurement other processes disturbed is timed again after waiting for quiet,
+        up to --retries times while the --retry-budget lasts; the least disturbed attempt is kept.
+        Returns the results and, per (provider, batch), other processes' CPU share and attempts made.
         """
-        nonlocal done
-        best = None
-        for attempt in range(args.retries + 1):
-            other_load = {}  # (provider, batch) -> share of CPU time used by other processes meanwhile
-            index = done
+        nonlocal done, retry_seconds_left
+        kept: dict[tuple[str, int], tuple[float, object]] = {}
+        other_load: dict[tuple[str, int], float | None] = {}
+        attempts: dict[tuple[str, int], int] = {}
+        for position, batch in enumerate(args.batch):
+            for attempt in range(args.retries + 1):
+                shares = {}
 
-            def progress(result) -> None:
-                nonlocal index
-                index += 1
-                share = watch.other_share()
-                other_load[(result.provider, result.batch)] = share
-                load = "n/a" if share is None else f"{100 * share:3.0f}%"
-                flag = "  <- disturbed" if share is not None and share > OTHER_LOAD_LIMIT else ""
-                again = f" (retry {attempt})" if attempt else ""
-                print(f"[{index:3d}/{total}] {label:<32} {SHORT.get(result.provider, result.provider):<4} "
-                      f"batch {result.batch:<3d} median {result.median_ms:9.2f} ms  p90 {result.p90_ms:9.2f} ms  "
-                      f"other load {load}  ({time.perf_counter() - wall_start:4.0f} s){again}{flag}",
-                      file=sys.stderr, flush=True)
+                def progress(result) -> None:
+                    key = (result.provider, result.batch)
+                    share = watch.other_share()  # also starts the next provider's window
+                    shares[key] = share
+                    index = done + position * len(providers) + providers.index(result.provider) + 1
+                    load = "n/a" if share is None else f"{100 * share:3.0f}%"
+                    flag = "  <- disturbed" if share is not None and share > OTHER_LOAD_LIMIT else ""
+                    again = f" (retry {attempt})" if attempt else ""
+                    print(f"[{index:3d}/{total}] {label:<32} {SHORT.get(result.provider, result.provider):<4} "
+                          f"batch {result.batch:<3d} median {result.median_ms:9.2f} ms  p90 {result.p90_ms:9.2f} ms"
+                          f"  other load {load}  ({time.perf_counter() - wall_start:4.0f} s){again}{flag}",
+                          file=sys.stderr, flush=True)
 
-            watch.other_share()  # start the window here: pruning is ours, but do not count it twice
-            results = benchmark(model_or_path, providers=providers, batches=args.batch, warmup=args.warmup,
-                                repeat=args.repeat, threads=args.threads, seed=args.seed, progress=progress)
-            worst = max((share or 0.0 for share in other_load.values()), default=0.0)
-            if best is None or worst < best[0]:
-                best = (worst, results, other_load, attempt + 1)
-            if worst <= OTHER_LOAD_LIMIT or attempt == args.retries:
-                break
-            share = wait_for_quiet(args.quiet_wait)
-            print(f"      {label}: other processes used up to {worst:.0%} of the CPU; "
-                  f"measuring again (now {'n/a' if share is None else f'{share:.0%}'})", file=sys.stderr, flush=True)
-        worst, results, other_load, attempts = best
-        done += len(other_load)
+                began = time.perf_counter()
+                watch.other_share()  # start the window here: pruning is ours, but do not count it twice
+                results = benchmark(model_or_path, providers=providers, batches=[batch], warmup=args.warmup,
+                                    repeat=args.repeat, threads=args.threads, seed=args.seed, progress=progress)
+                if attempt:
+                    retry_seconds_left -= time.perf_counter() - began
+                for result in results:
+                    key = (result.provider, result.batch)
+                    share = shares.get(key)
+                    attempts[key] = attempt + 1
+                    if key not in kept or (share or 0.0) < (kept[key][0] or 0.0):
+                        kept[key] = (share, result)
+                        other_load[key] = share
+                worst = max((share or 0.0 for share in shares.values()), default=0.0)
+                if worst <= OTHER_LOAD_LIMIT or attempt == args.retries or retry_seconds_left <= 0:
+                    break
+                began = time.perf_counter()
+                share = wait_for_quiet(min(args.quiet_wait, retry_seconds_left))
+                retry_seconds_left -= time.perf_counter() - began
+                print(f"      {label} batch {batch}: other processes used up to {worst:.0%} of the CPU; measuring "
+                      f"again (now {'n/a' if share is None else f'{share:.0%}'}; retry budget left "
+                      f"{max(retry_seconds_left, 0):.0f} s)", file=sys.stderr, flush=True)
+        done += len(kept)
         for (provider, batch), share in other_load.items():
             if share is not None and share > OTHER_LOAD_LIMIT:
                 disturbed.append(f"{label} {SHORT.get(provider, provider)} batch {batch}")
-        return results, other_load, attempts
+        ordered = [kept[(provider, batch)][1] for provider in providers for batch in args.batch]
+        return ordered, other_load, attempts
 
-    def latency_dicts(results: list, other_load: dict, attempts: int, provider: str) -> list[dict]:
-        return [dict(r.to_dict(), other_cpu_share=other_load.get((r.provider, r.batch)), attempts=attempts)
-                for r in results if r.provider == provider]
+    def latency_dicts(results: list, other_load: dict, attempts: dict, provider: str) -> list[dict]:
+        return [dict(r.to_dict(), other_cpu_share=other_load.get((r.provider, r.batch)),
+                     attempts=attempts.get((r.provider, r.batch))) for r in results if r.provider == provider]
 
     records = []
     for model in args.models:
@@ -439,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             "options": {"models": args.models, "exporter": args.exporter, "ratios": args.ratios,
                         "round_to": args.round_to, "batches": args.batch, "criterion": CRITERION,
                         "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed,
-                        "retries": args.retries, "quiet_wait": args.quiet_wait},
+                        "retries": args.retries, "quiet_wait": args.quiet_wait,
+                        "retry_budget": args.retry_budget},
             "disturbed_measurements": [d for d in disturbed if f" {short} batch " in d],
             "other_load_limit": OTHER_LOAD_LIMIT,
             "records": [
