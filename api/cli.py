@@ -51,6 +51,18 @@ def _add_choice_options(p: argparse.ArgumentParser) -> None:
                    help="refit the layers reading reduced channels by least squares on --calib data (any method)")
     p.add_argument("--ridge", type=float, default=1e-3, help="repair: ridge strength towards the current weights")
     p.add_argument("--landmarks", type=int, default=9, help="Nystrom landmark count (default 9: exact for 3x3)")
+    blend = p.add_argument_group("--criterion blend: criteria clustered, their weights searched")
+    blend.add_argument("--generations", type=int, default=10, help="differential-evolution generations (10)")
+    blend.add_argument("--population", type=int, default=16, help="candidates per generation (16)")
+    blend.add_argument("--workers", type=int, default=1, help="processes evaluating candidates (1)")
+    blend.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop searching after this long")
+    blend.add_argument("--blend-threshold", type=float, default=0.2,
+                       help="criteria with 1 - Spearman rho below this share a cluster (0.2)")
+    blend.add_argument("--blend-metric", default="auto", choices=["auto", "agreement", "error"],
+                       help="fitness: top-1 agreement with the original where outputs are class scores, else "
+                            "relative output error (auto)")
+    blend.add_argument("--blend-weights", metavar="FILE", help="re-apply weights saved with --blend-report")
+    blend.add_argument("--blend-report", metavar="FILE", help="save the chosen weights and clusters")
     p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for the activation and apoz criteria "
                    "and for --repair")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
@@ -114,6 +126,8 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--all", action="store_true", help="list every group, not only the 40 largest by MAC share")
+    p.add_argument("--criteria-clusters", action="store_true",
+                   help="also show how the pruning criteria cluster (Spearman rank correlation per group)")
     return p
 
 
@@ -187,7 +201,9 @@ def _options_from(args):
         round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
         compensate=args.compensate, medoid=args.medoid, repair=args.repair, ridge=args.ridge,
         bandwidth=args.bandwidth, hash_weights=args.hash_weights, per_neuron=args.per_neuron,
-        merge_tol=args.merge_tol,
+        merge_tol=args.merge_tol, generations=args.generations, population=args.population, workers=args.workers,
+        time_budget=args.time_budget, blend_weights=args.blend_weights, blend_threshold=args.blend_threshold,
+        blend_metric=args.blend_metric,
         landmarks=args.landmarks, calib=args.calib, seed=args.seed)
     check_options(options)
     return options
@@ -242,6 +258,10 @@ def run_prune(argv: list[str]) -> int:
     _say(args, f"onnx-prune: analysing {args.input}")
     prepared = onnx_prune.prepare(args.input)
     model, report = onnx_prune.prune(prepared, options)
+    if args.blend_report and "blend" in report.details:
+        from onnx_prune.blend_search import save_blend_weights
+
+        save_blend_weights(report.details["blend"], args.blend_report)
     return _finish(args, prepared, model, report, started)
 
 
@@ -291,11 +311,21 @@ def run_analyze(argv: list[str]) -> int:
     args = _analyze_parser().parse_args(argv)
     import onnx_prune
 
-    report = onnx_prune.analyze(args.input)
+    prepared = onnx_prune.prepare(args.input)
+    report = onnx_prune.analyze(prepared)
+    clusters = None
+    if args.criteria_clusters:
+        from onnx_prune.blend_search import criteria_clusters
+
+        clusters = criteria_clusters(prepared)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps(dict(report.to_dict(), criteria_clusters=clusters), indent=1, default=str))
     else:
         print(format_analysis(report, None if args.all else 40))
+        if clusters is not None:
+            from onnx_prune.analysis.blend import format_cluster_summary
+
+            print("\n" + format_cluster_summary(clusters, per_group=False))
     return 0
 
 

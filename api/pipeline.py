@@ -175,6 +175,13 @@ class PruneOptions:
     hash_weights: bool = True             # red: hash weights before merging (--no-hash)
     per_neuron: bool = False              # red/hash: one KDE per output neuron
     merge_tol: float = 0.0                # red: relative distance under which channels merge (0: identical)
+    generations: int = 10                 # blend: differential-evolution generations
+    population: int = 16                  # blend: candidates per generation
+    workers: int = 1                      # blend: processes evaluating candidates
+    time_budget: float | None = None      # blend: seconds, checked after each generation
+    blend_weights: str | None = None      # blend: re-apply weights saved from an earlier search
+    blend_threshold: float = 0.2          # blend: criteria with 1 - Spearman rho below this share a cluster
+    blend_metric: str = "auto"            # blend: fitness, auto | agreement | error
     landmarks: int = 9
     calib: str | None = None              # .npz for calibration-driven criteria and repair
     seed: int = 0
@@ -205,7 +212,8 @@ def sweep_configurations() -> list[SweepConfig]:
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
                 SweepConfig("similarity-select+compensate", {"method": "similarity", "compensate": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
-    configs += [SweepConfig("red", {"method": "red"}),
+    configs += [SweepConfig("blend", {"criterion": "blend", "generations": 5, "population": 10}, True),
+                SweepConfig("red", {"method": "red"}),
                 SweepConfig("centripetal", {"method": "centripetal"}),
                 SweepConfig("centripetal+repair", {"method": "centripetal", "repair": True}, True),
                 SweepConfig("l2+repair", {"criterion": "l2", "repair": True}, True)]
@@ -226,9 +234,13 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError(f"--max-ratio must be in (0, 1], got {opts.max_ratio}")
     if opts.criterion in CALIBRATION_CRITERIA and not opts.calib:
         raise PruneError(f"criterion '{opts.criterion}' needs calibration data (--calib data.npz)")
-    if opts.criterion not in CRITERION_NAMES + CALIBRATION_CRITERIA:
-        raise PruneError(f"unknown criterion '{opts.criterion}' (choose from "
-                         f"{', '.join(CRITERION_NAMES + CALIBRATION_CRITERIA)})")
+    known = CRITERION_NAMES + CALIBRATION_CRITERIA + ("blend",)
+    if opts.criterion not in known:
+        raise PruneError(f"unknown criterion '{opts.criterion}' (choose from {', '.join(known)})")
+    if opts.criterion == "blend" and opts.method != "prune":
+        raise PruneError("--criterion blend chooses channels itself: use it with --method prune")
+    if opts.population < 5 or opts.generations < 1 or opts.workers < 1:
+        raise PruneError("blend search needs --population >= 5, --generations >= 1 and --workers >= 1")
     if opts.aggregate not in AGGREGATIONS:
         raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
     if opts.method not in METHODS:
@@ -371,6 +383,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
                                           round_to=opts.round_to, max_ratio=opts.max_ratio,
                                           exclude=tuple(_exclusions(prepared, opts)), seed=opts.seed)
         details["clusters"] = [c.to_dict() for c in clusters]
+    elif opts.criterion == "blend":
+        plan, details["blend"] = _blend(prepared, opts)
     else:
         plan = build_plan(prepared, opts, _safe_cost(prepared.model))
     pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))
@@ -399,6 +413,17 @@ def _red(model: "ModelLike | Prepared", opts: PruneOptions) -> tuple[onnx.ModelP
                          details["params_before"], details["params_after"], details["channels_before"],
                          details["channels_after"], [], {"red": details})
     return reduced, report
+
+
+def _blend(prepared: Prepared, opts: PruneOptions) -> tuple[Plan, dict]:
+    """Blended criteria (METHODS.md §3): cluster the criteria, search their weights by differential evolution."""
+    from onnx_prune.blend_search import blend_plan
+
+    skip = excluded_groups(prepared.analysis, _exclusions(prepared, opts))
+    group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
+    return blend_plan(prepared, opts, group_ids, threshold=opts.blend_threshold, generations=opts.generations,
+                      population=opts.population, workers=opts.workers, time_budget=opts.time_budget,
+                      metric=opts.blend_metric, blend_weights=opts.blend_weights)
 
 
 def _exclusions(prepared: Prepared, opts: PruneOptions) -> list[str]:

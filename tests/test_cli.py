@@ -158,3 +158,21 @@ def test_red_and_hash_from_the_command_line(tmp_path, capsys, args, key):
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
     if "--target-macs" in args:
         assert data["macs_after"] <= 0.71 * data["macs_before"]
+
+
+def test_blend_search_then_reapply_saved_weights(tmp_path, capsys):
+    first, again, weights = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "blend.json"
+    common = ["--criterion", "blend", "--target-macs", "0.6", "--generations", "2", "--population", "5",
+              "--no-validate"]
+    code, _, err = _run(capsys, fixture_path("residual_add"), first, *common, "--blend-report", weights)
+    assert code == 0, err
+    saved = json.loads(weights.read_text())
+    assert saved["weights"] and saved["clusters"]
+    code, _, err = _run(capsys, fixture_path("residual_add"), again, *common, "--blend-weights", weights)
+    assert code == 0, err
+    assert first.read_bytes() == again.read_bytes()
+
+
+def test_analyze_shows_criteria_clusters(capsys):
+    code, out, _ = _run(capsys, "analyze", fixture_path("depthwise"), "--criteria-clusters")
+    assert code == 0 and "cluster" in out.lower()
