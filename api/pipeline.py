@@ -294,13 +294,19 @@ def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None)
     return allocator.allocate(opts.target(), opts.allocation, select)
 
 
-def _options(options: PruneOptions | None, kwargs: dict) -> PruneOptions:
-    opts = options or PruneOptions()
+def with_overrides(cls, options, kwargs: dict):
+    """`options` (an instance of dataclass `cls`, or its defaults) with keyword overrides; unknown ones refused."""
+    opts = options or cls()
     if kwargs:
-        unknown = set(kwargs) - set(PruneOptions.__dataclass_fields__)
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        opts = PruneOptions(**{**opts.__dict__, **kwargs})
+        opts = cls(**{**opts.__dict__, **kwargs})
+    return opts
+
+
+def _options(options: PruneOptions | None, kwargs: dict) -> PruneOptions:
+    opts = with_overrides(PruneOptions, options, kwargs)
     check_options(opts)
     return opts
 

@@ -31,7 +31,7 @@ from onnx_prune.passes.hashing import DEFAULT_BANDWIDTH, HashWeightsPass
 from onnx_prune.passes.red import MergeSearch
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.passes.uneven_depthwise import SeparateDepthwisePass
-from onnx_prune.pipeline import ModelLike, Prepared, _safe_cost, prepare
+from onnx_prune.pipeline import ModelLike, Prepared, _safe_cost, prepare, with_overrides
 from onnx_prune.runtime.cost import count_cost
 
 TOL_STEPS = 12  # bisection steps of the merge-tolerance search (to 1 / 2^12 ~ 2e-4)
@@ -78,12 +78,7 @@ def red(model: "ModelLike | Prepared", options: RedOptions | None = None, **kwar
     """Hash, merge, (prune), separate; returns the new model (the input is not changed) and a JSON-able report:
     MACs/params/channels before and after, distinct values per hashed layer, channels merged per group,
     the prune step, and the separation decision (MACs, latency before/after) per candidate conv."""
-    opts = options or RedOptions()
-    if kwargs:
-        unknown = set(kwargs) - set(RedOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        opts = RedOptions(**{**opts.__dict__, **kwargs})
+    opts = with_overrides(RedOptions, options, kwargs)
     opts.check()
     prepared = prepare(model)
     before = _safe_cost(prepared.model)

@@ -9,22 +9,12 @@ the kept sets are checked to be identical.  The paper reports about 3x.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from onnx_prune.analysis.criteria import FilterSet, nearest_exact, nearest_nystrom, prototypes
-
-
-def _median_time(step, repeat: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+from timing import median_time
 
 
 def main(argv=None) -> int:
@@ -40,8 +30,8 @@ def main(argv=None) -> int:
         rows = np.random.default_rng(n).standard_normal((n, args.in_channels * 9))
         filters = FilterSet("conv", "producer", np.column_stack([rows, np.zeros(n)]), np.arange(n), np.arange(n), 9)
         proto = prototypes(filters)
-        exact_s, (exact_nb, _) = _median_time(lambda: nearest_exact(proto), args.repeat)
-        approx_s, (approx_nb, _) = _median_time(lambda: nearest_nystrom(proto, args.landmarks), args.repeat)
+        exact_s, (exact_nb, _) = median_time(lambda: nearest_exact(proto), args.repeat)
+        approx_s, (approx_nb, _) = median_time(lambda: nearest_nystrom(proto, args.landmarks), args.repeat)
         print(f"| {n} | {exact_s:.4f} | {approx_s:.4f} | {exact_s / approx_s:.1f}x | "
               f"{'yes' if np.array_equal(exact_nb, approx_nb) else 'NO'} |", flush=True)
     return 0

@@ -7,27 +7,17 @@ Prints the median of each and their ratio; the target is well under 2x (issue: c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
 
 import onnx_prune
 from onnx_prune.runtime.io import save
+from timing import median_time
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _median_seconds(step, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -41,13 +31,13 @@ def main(argv=None) -> int:
         sys.exit(f"{model} not found: build it with  python models/build_zoo.py --models resnet50")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
-        io_time = _median_seconds(lambda: onnx.save(onnx.load(str(model)), str(out)), args.repeat)
+        io_time, _ = median_time(lambda: onnx.save(onnx.load(str(model)), str(out)), args.repeat)
 
         def prune_step():
             pruned, _ = onnx_prune.prune(str(model), ratio=args.ratio)
             save(pruned, out, input_path=model)
 
-        prune_time = _median_seconds(prune_step, args.repeat)
+        prune_time, _ = median_time(prune_step, args.repeat)
     size_mb = model.stat().st_size / 1e6
     print(f"model {model.name} ({size_mb:.0f} MB), ratio {args.ratio}, median of {args.repeat}")
     print(f"onnx.load + onnx.save        {io_time:7.3f} s")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import onnx_prune
@@ -23,16 +21,9 @@ from onnx_prune.pipeline import prepare
 from onnx_prune.red import red
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "red_speed.md"
-
-
-def timed(step, repeat: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main(argv=None) -> int:
@@ -54,7 +45,7 @@ def main(argv=None) -> int:
     }
     seconds = {}
     for name, step in steps.items():
-        seconds[name], result = timed(step, args.repeat)
+        seconds[name], result = median_time(step, args.repeat)
         print(f"{name}: {seconds[name]:.2f} s", file=sys.stderr, flush=True)
         if name == "RED hash + merge":
             report = result[1]

@@ -164,7 +164,7 @@ def test_pad_on_channels_keeps_padding_and_prunes_the_rest():
 
 def test_grouped_conv_prunes_the_same_positions_in_every_group():
     prepared = prepare(fixture_path("grouped_conv"))
-    model, _ = onnx_prune.prune(fixture_path("grouped_conv"), ratio=0.5)
+    model, _ = onnx_prune.prune(prepared, ratio=0.5)
     conv = next(n for n in model.graph.node if n.name == "conv1")
     assert onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == 2
     weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
