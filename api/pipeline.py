@@ -395,8 +395,11 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
         plan = build_plan(prepared, opts, _safe_cost(prepared.model))
     pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))
     if opts.repair:
-        repaired, repair_report = repair(prepared.model, pruned, _calibration_inputs(prepared, opts),
-                                         prepared.analysis, plan, ridge=opts.ridge, seed=opts.seed)
+        try:
+            repaired, repair_report = repair(prepared.model, pruned, _calibration_inputs(prepared, opts),
+                                             prepared.analysis, plan, ridge=opts.ridge, seed=opts.seed)
+        except ValueError as err:  # e.g. too few calibration samples to fit and hold out
+            raise PruneError(f"--repair: {err}") from None
         pruned = repaired
         details["repair"] = repair_report.to_dict()
     report.details.update(details)

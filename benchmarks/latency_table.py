@@ -91,12 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: CPU only; cuda: CPU and, when it really works here, CUDA (else a notice and CPU only)")
     p.add_argument("--threads", type=int, default=_default_threads(),
-                   help="onnxruntime intra-op threads (default: the CPUs available to this process)")
+                   help="onnxruntime intra-op threads; the default is the number of CPUs this process may use")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per model and batch")
     p.add_argument("--repeat", type=int, default=100, help="timed runs per model and batch (median reported)")
     p.add_argument("--retries", type=int, default=2,
-                   help="re-measure a model up to this many times when other processes used more than "
-                        f"{OTHER_LOAD_LIMIT:.0%} of the CPU meanwhile (the least disturbed attempt is kept)")
+                   help="take a measurement again up to this many times when other processes used more than "
+                        f"{100 * OTHER_LOAD_LIMIT:.0f}%% of the CPU meanwhile (the least disturbed attempt is kept)")
     p.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
                    help="before such a retry, wait up to this long for the machine to become quiet")
     p.add_argument("--retry-budget", type=float, default=300.0, metavar="SECONDS",
@@ -273,9 +273,9 @@ def markdown_report(table: str, machine: dict, provider: str, args: argparse.Nam
         "",
         "MAC reduction = MACs before / MACs after; params kept = params after / params before; "
         "speed-up = original median / pruned median at the same batch; efficiency = speed-up / MAC reduction "
-        "(1.00 = the runtime turns the whole theoretical gain into speed). The original is timed once per model; "
-        f"a measurement is taken again (up to {args.retries} more time(s)) when other processes disturbed "
-        "it, and the least disturbed attempt is kept.",
+        "(1.00 = the runtime turns the whole theoretical gain into speed). The original is timed once per model"
+        + (f"; a measurement is taken again (up to {args.retries} more time(s)) when other processes disturbed "
+           "it, and the least disturbed attempt is kept." if args.retries else "."),
         "",
         warning,
         "",

@@ -176,3 +176,12 @@ def test_blend_search_then_reapply_saved_weights(tmp_path, capsys):
 def test_analyze_shows_criteria_clusters(capsys):
     code, out, _ = _run(capsys, "analyze", fixture_path("depthwise"), "--criteria-clusters")
     assert code == 0 and "cluster" in out.lower()
+
+
+def test_repair_with_too_little_calibration_data_is_a_clear_error(tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "one.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32))
+    code, _, err = _run(capsys, fixture_path("residual_add"), tmp_path / "o.onnx", "--repair", "--calib", data)
+    assert code == 1 and "--repair:" in err and "Traceback" not in err
