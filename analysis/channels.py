@@ -21,9 +21,6 @@ from scipy.sparse.csgraph import connected_components
 
 from onnx_prune.runtime.shapes import infer_shapes
 
-SMALL_CONST_ELEMS = 4096  # constants this small are read eagerly (shape vectors, per-channel vectors)
-
-ROLES = ("producer", "carrier", "consumer")
 
 
 @dataclass
@@ -46,9 +43,6 @@ class Elem:
     source: tuple | None = None  # const: (node name, input index, element index)
     ids: np.ndarray | None = None  # chan: the channel ids counted
     scale: float = 1.0  # chan: value / len(ids), e.g. 0.5 for C // 2
-
-    def __hash__(self):  # pragma: no cover - not used as a key
-        return id(self)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 import traceback
 
 from onnx_prune.errors import PruneError
+from onnx_prune.runtime.io import refuse_overwrite
 
 
 def _add_choice_options(p: argparse.ArgumentParser) -> None:
@@ -209,13 +210,6 @@ def _options_from(args):
     return options
 
 
-def _refuse_same_path(source: str, target: str) -> None:
-    from pathlib import Path
-
-    if Path(target).exists() and Path(source).exists() and Path(target).resolve() == Path(source).resolve():
-        raise PruneError(f"refusing to overwrite the input model {source}; choose another output path")
-
-
 def _finish(args, prepared, model, report, started: float) -> int:
     """Save, summarise, validate and report: what `prune` and `apply` share."""
     from onnx_prune.runtime.io import save
@@ -252,7 +246,7 @@ def run_prune(argv: list[str]) -> int:
     args = _prune_parser().parse_args(argv)
     import onnx_prune
 
-    _refuse_same_path(args.input, args.output)
+    refuse_overwrite(args.input, args.output)
     options = _options_from(args)
     started = time.perf_counter()
     _say(args, f"onnx-prune: analysing {args.input}")
@@ -269,7 +263,7 @@ def run_plan(argv: list[str]) -> int:
     args = _plan_parser().parse_args(argv)
     from onnx_prune.pipeline import make_plan, plan_to_json
 
-    _refuse_same_path(args.input, args.plan)
+    refuse_overwrite(args.input, args.plan)
     plan, prepared = make_plan(args.input, _options_from(args))
     text = plan_to_json(plan, prepared)
     with open(args.plan, "w") as f:
@@ -283,7 +277,7 @@ def run_apply(argv: list[str]) -> int:
     import onnx_prune
     from onnx_prune.pipeline import apply_plan
 
-    _refuse_same_path(args.input, args.output)
+    refuse_overwrite(args.input, args.output)
     try:
         with open(args.plan) as f:
             plan_json = f.read()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Union
 
 import numpy as np
@@ -36,6 +36,11 @@ class Prepared:
     external_data: bool = False
 
     def weights(self):
+        """Initializer name -> array, decoded once per prepared model however many steps ask."""
+        return self._weights
+
+    @cached_property
+    def _weights(self):
         inits = {t.name: t for t in self.model.graph.initializer}
 
         @lru_cache(maxsize=None)
@@ -263,17 +268,16 @@ def input_stem_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] in inputs]
 
 
-def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions) -> dict[int, np.ndarray]:
+def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions,
+                 scoring: Scoring) -> dict[int, np.ndarray]:
     analysis = prepared.analysis
     if opts.criterion in CALIBRATION_CRITERIA:
         scores = calibration_scores(prepared.model, analysis, group_ids, _calibration_inputs(prepared, opts),
                                     opts.criterion)
-        scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
         for gid in group_ids:  # groups no consumer reads visibly fall back to l2
             if gid not in scores:
                 scores[gid] = channel_scores(analysis.groups[gid], scoring, "l2", opts.aggregate)
         return scores
-    scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
     return {gid: channel_scores(analysis.groups[gid], scoring, opts.criterion, opts.aggregate, opts.normalize)
             for gid in group_ids}
 
@@ -282,14 +286,14 @@ def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None)
     """Scores for every group that may shrink, then the allocation of the target among them."""
     skip = excluded_groups(prepared.analysis, _exclusions(prepared, opts))
     group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
-    scores = group_scores(prepared, group_ids, opts)
+    scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
+    scores = group_scores(prepared, group_ids, opts, scoring)
     cost_model = None
     if cost is not None:
         cost_model = CostModel.of(prepared.model, prepared.analysis, {n: c.macs for n, c in cost.per_node.items()})
     allocator = Allocator(prepared.analysis, scores, cost_model, opts.round_to, opts.max_ratio)
     select = None
     if opts.method == "similarity":
-        scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
         select = SimilaritySelect(scoring, opts.compensate, nystrom=opts.criterion == "nystrom")
     return allocator.allocate(opts.target(), opts.allocation, select)
 
@@ -354,8 +358,9 @@ def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.Mode
     return _apply(prepared, plan, {"plan": "from file"})
 
 
-def _apply(prepared: Prepared, plan: Plan, options_shown: dict) -> tuple[onnx.ModelProto, PruneReport]:
-    before = _safe_cost(prepared.model)
+def _apply(prepared: Prepared, plan: Plan, options_shown: dict, before: Cost | None = None
+           ) -> tuple[onnx.ModelProto, PruneReport]:
+    before = before or _safe_cost(prepared.model)
     pruned = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
     after = _safe_cost(pruned)
     summary = summarize(prepared, plan, before)
@@ -385,6 +390,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     details: dict = {}
     if opts.method == "centripetal":  # merging averages filters: fold BatchNorm into them first
         prepared = _prunable(prepare_folded(prepared))
+    before = _safe_cost(prepared.model)  # counted once: the allocation and the report both use it
+    if opts.method == "centripetal":
         plan, clusters = centripetal_plan(prepared, opts.target(), medoid=opts.medoid, allocation=opts.allocation,
                                           round_to=opts.round_to, max_ratio=opts.max_ratio,
                                           exclude=tuple(_exclusions(prepared, opts)), seed=opts.seed)
@@ -392,8 +399,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     elif opts.criterion == "blend":
         plan, details["blend"] = _blend(prepared, opts)
     else:
-        plan = build_plan(prepared, opts, _safe_cost(prepared.model))
-    pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()))
+        plan = build_plan(prepared, opts, before)
+    pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()), before)
     if opts.repair:
         try:
             repaired, repair_report = repair(prepared.model, pruned, _calibration_inputs(prepared, opts),

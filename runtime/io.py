@@ -58,6 +58,16 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
+def refuse_overwrite(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    """Raise PruneError if writing `output_path` would replace the input model or its external data file."""
+    src, path = Path(input_path), Path(output_path)
+    if _same_file(path, src):
+        raise PruneError(f"refusing to overwrite the input model {src}; choose another output path")
+    src_data = src.with_name(src.name + ".data")
+    if src_data.exists() and path.with_name(path.name + ".data").resolve() == src_data.resolve():
+        raise PruneError(f"refusing to overwrite the input's external data {src_data}")
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
          external_data: bool = False) -> Path:
     """Write `model` atomically (temp folder + rename); never overwrite `input_path` or its data file.
@@ -68,12 +78,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | o
     path = Path(path)
     data_name = path.name + ".data"
     if input_path is not None:
-        src = Path(input_path)
-        if _same_file(path, src) if path.exists() else path.resolve() == src.resolve():
-            raise PruneError(f"refusing to overwrite the input model {src}; choose another output path")
-        src_data = src.with_name(src.name + ".data")
-        if src_data.exists() and (path.parent / data_name).resolve() == src_data.resolve():
-            raise PruneError(f"refusing to overwrite the input's external data {src_data}")
+        refuse_overwrite(input_path, path)
     if not path.parent.exists():
         raise PruneError(f"output folder does not exist: {path.parent}")
     external = external_data or sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - HEADROOM
