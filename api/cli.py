@@ -18,61 +18,17 @@ from onnx_prune.runtime.io import refuse_overwrite
 
 
 def _add_choice_options(p: argparse.ArgumentParser) -> None:
-    """What to remove: the options `prune` and `plan` share."""
-    target = p.add_argument_group("target (one of; default --ratio 0.3)")
-    target.add_argument("--ratio", type=float, default=None,
-                        help="share of channels to remove, in [0, 1): per group (uniform) or overall (global)")
-    target.add_argument("--target-macs", type=float, metavar="F", help="keep this fraction of the MACs (within 1%%)")
-    target.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of the parameters")
-    p.add_argument("--criterion", default="l2", help="channel saliency: l1, l2, fpgm, bn, random, similarity, "
-                   "nystrom (data-free) or activation, apoz (need --calib); default l2")
-    p.add_argument("--aggregate", default="domino-o", help="how scores of coupled layers combine: domino-o (sum "
-                   "over producers, default), domino-io (and consumers), mean, max, first (first producer only)")
-    p.add_argument("--normalize", action="store_true",
-                   help="divide scores by the number of weights a channel's removal deletes")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
-                   help="same share from every group, or one ranking of all channels (default uniform)")
-    p.add_argument("--max-ratio", type=float, default=1.0, metavar="R",
-                   help="never remove more than this share of a group (default 1: no limit)")
-    p.add_argument("--method", default="prune", choices=["prune", "similarity", "centripetal", "red", "hash"],
-                   help="prune: drop the lowest-scoring channels; similarity: drop one of each most similar pair; "
-                        "centripetal: k-means the filters of each group and merge every cluster into one channel; "
-                        "red: data-free hashing + merging of identical channels (+ pruning to --target-macs) + "
-                        "uneven depthwise separation; hash: the weight hashing alone")
-    p.add_argument("--bandwidth", type=float, default=0.005, help="red/hash: KDE bandwidth (default 0.005)")
-    p.add_argument("--no-hash", dest="hash_weights", action="store_false", help="red: merge without hashing")
-    p.add_argument("--per-neuron", action="store_true", help="red/hash: one KDE per output neuron")
-    p.add_argument("--merge-tol", type=float, default=0.0,
-                   help="red: merge channels within this relative distance (default 0: identical only)")
-    p.add_argument("--compensate", action="store_true",
-                   help="with --method similarity: fold a removed channel into its most similar kept one")
-    p.add_argument("--medoid", action="store_true",
-                   help="with --method centripetal: keep each cluster's medoid instead of its centroid")
-    p.add_argument("--repair", action="store_true",
-                   help="refit the layers reading reduced channels by least squares on --calib data (any method)")
-    p.add_argument("--ridge", type=float, default=1e-3, help="repair: ridge strength towards the current weights")
-    p.add_argument("--landmarks", type=int, default=9, help="Nystrom landmark count (default 9: exact for 3x3)")
-    blend = p.add_argument_group("--criterion blend: criteria clustered, their weights searched")
-    blend.add_argument("--generations", type=int, default=10, help="differential-evolution generations (10)")
-    blend.add_argument("--population", type=int, default=16, help="candidates per generation (16)")
-    blend.add_argument("--workers", type=int, default=1, help="processes evaluating candidates (1)")
-    blend.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop searching after this long")
-    blend.add_argument("--blend-threshold", type=float, default=0.2,
-                       help="criteria with 1 - Spearman rho below this share a cluster (0.2)")
-    blend.add_argument("--blend-metric", default="auto", choices=["auto", "agreement", "error"],
-                       help="fitness: top-1 agreement with the original where outputs are class scores, else "
-                            "relative output error (auto)")
-    blend.add_argument("--blend-weights", metavar="FILE", help="re-apply weights saved with --blend-report")
-    blend.add_argument("--blend-report", metavar="FILE", help="save the chosen weights and clusters")
-    p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for the activation and apoz criteria "
-                   "and for --repair")
-    p.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="round each kept channel count up to a multiple of N (default 1)")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
-                   help="node names (shell wildcards allowed) whose channel groups are left whole")
-    p.add_argument("--protect-first", action="store_true",
-                   help="also leave whole the groups of layers that read the graph input (the stem)")
-    p.add_argument("--seed", type=int, default=0, help="seed for generated validation inputs (default 0)")
+    """What to remove: the options `prune` and `plan` share, one flag per `PruneOptions` field."""
+    from onnx_prune.options import cli_groups, cli_spec
+
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    titles = cli_groups()
+    for name, flag, kwargs in cli_spec():
+        title = titles.get(name, "")
+        if title and title not in sections:
+            sections[title] = p.add_argument_group(title)
+        (sections.get(title) or p).add_argument(flag, **kwargs)
+    p.add_argument("--blend-report", metavar="FILE", help="save the chosen blend weights and clusters")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -194,18 +150,12 @@ def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
 
 
 def _options_from(args):
-    from onnx_prune.pipeline import PruneOptions, check_options
+    from onnx_prune.options import PruneOptions
+    from onnx_prune.pipeline import check_options
 
-    options = PruneOptions(
-        ratio=args.ratio, target_macs=args.target_macs, target_params=args.target_params, criterion=args.criterion,
-        aggregate=args.aggregate, normalize=args.normalize, allocation=args.allocation, max_ratio=args.max_ratio,
-        round_to=args.round_to, exclude=args.exclude, protect_first=args.protect_first, method=args.method,
-        compensate=args.compensate, medoid=args.medoid, repair=args.repair, ridge=args.ridge,
-        bandwidth=args.bandwidth, hash_weights=args.hash_weights, per_neuron=args.per_neuron,
-        merge_tol=args.merge_tol, generations=args.generations, population=args.population, workers=args.workers,
-        time_budget=args.time_budget, blend_weights=args.blend_weights, blend_threshold=args.blend_threshold,
-        blend_metric=args.blend_metric,
-        landmarks=args.landmarks, calib=args.calib, seed=args.seed)
+    from onnx_prune.options import cli_spec
+
+    options = PruneOptions(**{name: getattr(args, name) for name, _, _ in cli_spec()})
     check_options(options)
     return options
 

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
 from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES, Scoring, channel_scores
 from onnx_prune.errors import PruneError
+from onnx_prune.options import PruneOptions
 from onnx_prune.passes.allocate import Allocator, CostModel, Target, excluded_groups
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
@@ -155,46 +156,6 @@ class PruneReport:
         out = {k: v for k, v in self.__dict__.items() if k != "groups"}
         out["groups"] = [g.to_dict() for g in self.groups]
         return out
-
-
-@dataclass
-class PruneOptions:
-    """Everything `prune` can be told; the CLI maps its flags one to one."""
-    ratio: float | None = None            # share of channels removed (0.3 when no target is given)
-    target_macs: float | None = None      # or: fraction of the original MACs to keep
-    target_params: float | None = None    # or: fraction of the original parameters to keep
-    criterion: str = "l2"
-    aggregate: str = "domino-o"
-    normalize: bool = False
-    allocation: str = "uniform"
-    max_ratio: float = 1.0
-    round_to: int = 1
-    exclude: list = field(default_factory=list)
-    protect_first: bool = False
-    method: str = "prune"                 # prune | similarity | centripetal
-    compensate: bool = False              # similarity: fold removed channels into their nearest kept one
-    medoid: bool = False                  # centripetal: a cluster's medoid instead of its centroid
-    repair: bool = False                  # refit reduced layers by least squares on --calib data
-    ridge: float = 1e-3                   # repair: pull towards the current weights
-    bandwidth: float = 0.005              # red/hash: KDE bandwidth of the weight hashing
-    hash_weights: bool = True             # red: hash weights before merging (--no-hash)
-    per_neuron: bool = False              # red/hash: one KDE per output neuron
-    merge_tol: float = 0.0                # red: relative distance under which channels merge (0: identical)
-    generations: int = 10                 # blend: differential-evolution generations
-    population: int = 16                  # blend: candidates per generation
-    workers: int = 1                      # blend: processes evaluating candidates
-    time_budget: float | None = None      # blend: seconds, checked after each generation
-    blend_weights: str | None = None      # blend: re-apply weights saved from an earlier search
-    blend_threshold: float = 0.2          # blend: criteria with 1 - Spearman rho below this share a cluster
-    blend_metric: str = "auto"            # blend: fitness, auto | agreement | error
-    landmarks: int = 9
-    calib: str | None = None              # .npz for calibration-driven criteria and repair
-    seed: int = 0
-
-    def target(self) -> Target:
-        if self.target_macs is None and self.target_params is None:
-            return Target(ratio=0.3 if self.ratio is None else self.ratio)
-        return Target(macs=self.target_macs, params=self.target_params)
 
 
 METHODS = ("prune", "similarity", "centripetal", "red", "hash")

@@ -1,0 +1,120 @@
+"""Everything `prune` can be told, each option once: its default, its CLI flag and its help live in the field.
+
+The CLI builds its parser from these fields (`cli_spec`), so a new option is one new field here.
+Metadata keys: ``help`` (text, required), ``group`` (CLI section), ``flag`` (defaults to ``--name-with-dashes``),
+``choices``, ``metavar``, ``action`` ("store_true" for flags that switch something on, "store_false" with a
+``flag`` like ``--no-hash``), ``nargs``, ``cli`` (False: API only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def option(default, help: str, **meta):
+    """A dataclass field with its CLI description."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(meta, help=help))
+    return field(default=default, metadata=dict(meta, help=help))
+
+
+TARGET = "target (one of; default --ratio 0.3)"
+CHOICE = "what to remove"
+METHOD = "method options"
+BLEND = "--criterion blend: criteria clustered, their weights searched"
+DATA = "data"
+
+
+@dataclass
+class PruneOptions:
+    """Everything `prune` can be told; the CLI maps its flags one to one (generated from these fields)."""
+    ratio: float | None = option(None, "share of channels to remove, in [0, 1): per group (uniform) or overall "
+                                 "(global)", group=TARGET, metavar="R")
+    target_macs: float | None = option(None, "keep this fraction of the MACs (within 1%%)", group=TARGET,
+                                       metavar="F")
+    target_params: float | None = option(None, "keep this fraction of the parameters", group=TARGET, metavar="F")
+    criterion: str = option("l2", "channel saliency: l1, l2, fpgm, bn, random, similarity, nystrom (data-free) or "
+                            "activation, apoz (need --calib), or blend; default l2", group=CHOICE)
+    aggregate: str = option("domino-o", "how scores of coupled layers combine: domino-o (sum over producers, "
+                            "default), domino-io (and consumers), mean, max, first (first producer only)",
+                            group=CHOICE)
+    normalize: bool = option(False, "divide scores by the number of weights a channel's removal deletes",
+                             group=CHOICE, action="store_true")
+    allocation: str = option("uniform", "same share from every group, or one ranking of all channels "
+                             "(default uniform)", group=CHOICE, choices=["uniform", "global"])
+    max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
+                              group=CHOICE, metavar="R")
+    round_to: int = option(1, "round each kept channel count up to a multiple of N (default 1)", group=CHOICE,
+                           metavar="N")
+    exclude: list = option([], "node names (shell wildcards allowed) whose channel groups are left whole",
+                           group=CHOICE, nargs="+", metavar="NODE")
+    protect_first: bool = option(False, "also leave whole the groups of layers that read the graph input (the "
+                                 "stem)", group=CHOICE, action="store_true")
+    method: str = option("prune", "how channels go: prune (drop the lowest-scoring), similarity (drop one of each "
+                         "most similar pair), centripetal (k-means merge), red (hash + merge + prune + uneven "
+                         "depthwise separation), hash (weight hashing alone)", group=CHOICE)
+    compensate: bool = option(False, "with --method similarity: fold a removed channel into its most similar kept "
+                              "one", group=METHOD, action="store_true")
+    medoid: bool = option(False, "with --method centripetal: keep each cluster's medoid instead of its centroid",
+                          group=METHOD, action="store_true")
+    repair: bool = option(False, "refit the layers reading reduced channels by least squares on --calib data",
+                          group=METHOD, action="store_true")
+    ridge: float = option(1e-3, "repair: ridge strength towards the current weights", group=METHOD)
+    bandwidth: float = option(0.005, "red/hash: KDE bandwidth (default 0.005)", group=METHOD)
+    hash_weights: bool = option(True, "red: merge without hashing", group=METHOD, action="store_false",
+                                flag="--no-hash")
+    per_neuron: bool = option(False, "red/hash: one KDE per output neuron", group=METHOD, action="store_true")
+    merge_tol: float = option(0.0, "red: merge channels within this relative distance (default 0: identical "
+                              "only)", group=METHOD)
+    landmarks: int = option(9, "Nystrom landmark count", group=METHOD)
+    generations: int = option(10, "differential-evolution generations (10)", group=BLEND)
+    population: int = option(16, "candidates per generation (16)", group=BLEND)
+    workers: int = option(1, "processes evaluating candidates (1)", group=BLEND)
+    time_budget: float | None = option(None, "stop searching after this long", group=BLEND, metavar="SECONDS")
+    blend_weights: str | None = option(None, "re-apply weights saved with --blend-report", group=BLEND,
+                                       metavar="FILE")
+    blend_threshold: float = option(0.2, "criteria with 1 - Spearman rho below this share a cluster (0.2)",
+                                    group=BLEND)
+    blend_metric: str = option("auto", "fitness: top-1 agreement with the original where outputs are class "
+                               "scores, else relative output error (auto)", group=BLEND,
+                               choices=["auto", "agreement", "error"])
+    calib: str | None = option(None, "calibration inputs for the activation and apoz criteria and for --repair",
+                               group=DATA, metavar="DATA")
+    seed: int = option(0, "seed for generated inputs and seeded criteria (default 0)", group=DATA)
+
+    def target(self):
+        from onnx_prune.passes.allocate import Target
+
+        if self.target_macs is None and self.target_params is None:
+            return Target(ratio=0.3 if self.ratio is None else self.ratio)
+        return Target(macs=self.target_macs, params=self.target_params)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: getattr(cls(), f.name) for f in fields(cls)}
+
+
+def cli_spec(cls=PruneOptions) -> list[tuple[str, str, dict]]:
+    """(field name, flag, argparse keywords) for every CLI option of `cls`, in declaration order."""
+    spec = []
+    defaults = cls()
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        if not meta or meta.get("cli", True) is False:
+            continue
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        meta.pop("group", None)
+        kwargs = {k: meta[k] for k in ("help", "choices", "metavar", "action", "nargs") if k in meta}
+        kwargs["dest"] = f.name
+        kwargs["default"] = getattr(defaults, f.name)
+        if "action" not in kwargs:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            for name, conv in (("float", float), ("int", int)):
+                if kind.startswith(name):
+                    kwargs["type"] = conv
+        spec.append((f.name, flag, kwargs))
+    return spec
+
+
+def cli_groups(cls=PruneOptions) -> dict[str, str]:
+    """Field name -> CLI section title."""
+    return {f.name: f.metadata.get("group", "") for f in fields(cls) if f.metadata}
