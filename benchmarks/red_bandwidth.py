@@ -45,13 +45,14 @@ def main(argv=None) -> int:
         for per_neuron in (False, True):
             for bw in bandwidths:
                 start = time.perf_counter()
-                hashed, layers = HashWeightsPass(bw, per_neuron).hash(folded)
+                hashing = HashWeightsPass(bw, per_neuron)(folded)
+                hashed, details = hashing.model, hashing.details
                 seconds = time.perf_counter() - start
                 result = score(subject, hashed)
                 accuracy = (f"{result['accuracy']:.2%} ({result['accuracy_original']:.2%})"
                             if "accuracy" in result else "-")
                 lines.append(f"| {subject.name} | {'neuron' if per_neuron else 'layer'} | {bw:g} | "
-                             f"{sum(l.after for l in layers)} / {sum(l.before for l in layers)} | "
+                             f"{details['distinct_after']} / {details['distinct_before']} | "
                              f"{result['rel_error']:.4f} | {result['top1_agreement']:.2%} | {accuracy} | "
                              f"{seconds:.2f} |")
                 print(lines[-1], flush=True)

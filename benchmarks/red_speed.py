@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     path = str(ROOT / "models" / "zoo" / f"{args.model}.onnx")
     load_before = os.getloadavg()[0]
     steps = {
-        "hashing alone (load, BN fold, hash)": lambda: HashWeightsPass(DEFAULT_BANDWIDTH).hash(
+        "hashing alone (load, BN fold, hash)": lambda: HashWeightsPass(DEFAULT_BANDWIDTH)(
             FoldBatchNormPass()(prepare(path).model).model),
         "RED hash + merge": lambda: red(path, separate_depthwise=False),
         "RED hash + merge + depthwise check": lambda: red(path),

@@ -40,18 +40,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    separate = SeparateDepthwisePass(repeat=args.repeat)
+    separate = SeparateDepthwisePass(measure_latency=True, repeat=args.repeat)
     lines = [f"# Uneven depthwise separation, 3x3 convs, batch 1, onnxruntime CPU ({os.cpu_count()} CPUs, load "
              f"average {os.getloadavg()[0]:.1f})", "",
              "| channels | spatial | distinct kernels / channel | S | MACs before | MACs after | latency before ms "
              "| after ms | applied |", "|---|---|---|---|---|---|---|---|---|"]
     for channels, hw in SHAPES:
         for distinct in DISTINCT:
-            _, decisions = separate.separate(repeating_conv(channels, hw, distinct))
-            d = decisions[0]
-            latency = [f"{v:.3f}" if v is not None else "-" for v in (d.latency_before_ms, d.latency_after_ms)]
-            lines.append(f"| {channels} | {hw} | {distinct} | {d.distinct} | {d.macs_before} | {d.macs_after} | "
-                         f"{latency[0]} | {latency[1]} | {'yes' if d.applied else 'no: ' + d.reason} |")
+            d = separate(repeating_conv(channels, hw, distinct)).details["decisions"][0]
+            latency = [f"{v:.3f}" if v is not None else "-" for v in (d["latency_before_ms"], d["latency_after_ms"])]
+            lines.append(f"| {channels} | {hw} | {distinct} | {d['distinct']} | {d['macs_before']} | "
+                         f"{d['macs_after']} | {latency[0]} | {latency[1]} | "
+                         f"{'yes' if d['applied'] else 'no: ' + d['reason']} |")
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

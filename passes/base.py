@@ -1,15 +1,51 @@
-"""What every pass returns, and the checks passes share."""
+"""Passes with executable contracts, shaped like ``onnx_ir.passes``.
+
+A pass subclasses `Pass` and implements ``call(model) -> PassResult``.  Calling the pass runs
+
+    requires(model)  ->  call(model)  ->  ensures(model, result)
+
+and a broken promise raises `PreconditionError` (before the work) or `PostconditionError` (after it), both
+`PassContractError`s.  The default ``ensures`` checks what every pass promises:
+
+- onnx.checker accepts the result;
+- the graph outputs keep their names and declared shapes;
+- the input model was not mutated (its serialised bytes are unchanged);
+- with ``preserves_function = True`` (weight-only rewrites such as BatchNorm folding): the result computes the
+  same outputs as the input on one seeded generated input, to ``function_tolerance`` relative L2 error.
+
+`PassResult.details` holds what a pass has to say (per-layer decisions, counts), so a pass has one entry point.
+`Sequential` composes passes; its details are keyed by pass name.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+
+PROTO_LIMIT_BYTES = 2 ** 31  # protobuf's limit: larger models are checked from a file with external data
+
+
+class PassContractError(Exception):
+    """A pass broke its contract: a precondition did not hold, or the result does not keep a promise."""
+
+
+class PreconditionError(PassContractError):
+    """The input model does not meet what the pass requires."""
+
+
+class PostconditionError(PassContractError):
+    """The pass's result breaks what the pass ensures."""
 
 
 @dataclass
 class PassResult:
     model: onnx.ModelProto
     modified: bool
+    details: dict = field(default_factory=dict)
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -23,3 +59,112 @@ def output_dims(model: onnx.ModelProto) -> dict[str, list]:
     """Declared graph output dims, the postcondition every pass keeps."""
     return {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim]
             for o in model.graph.output}
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """A digest of the serialised model (ONNX protos have no map fields, so serialisation is stable)."""
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on `model`, through a file with external weights where the proto is too large."""
+    if model.ByteSize() < PROTO_LIMIT_BYTES:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx_prune_check_") as directory:
+        path = os.path.join(directory, "model.onnx")
+        onnx.save(copy_model(model), path, save_as_external_data=True, location="weights.bin")
+        onnx.checker.check_model(path)
+
+
+def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int = 0) -> float:
+    """Largest relative L2 error over the outputs of `after` against `before` on one seeded generated input.
+    Raises ValueError where no input can be generated (an input dim without a size)."""
+    from onnx_prune.runtime.fidelity import make_inputs
+    from onnx_prune.runtime.sessions import make_session
+
+    feed = make_inputs(before, seed=seed, samples=1)[0]
+    reference = make_session(before).run(None, feed)
+    candidate = make_session(after).run(None, feed)
+    worst = 0.0
+    for ref, cand in zip(reference, candidate):
+        ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+        if ref.shape != cand.shape:
+            return float("inf")
+        worst = max(worst, float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30)))
+    return worst
+
+
+class Pass:
+    """Base class: subclasses implement `call`, and refine `requires` / `ensures` (calling super's)."""
+
+    preserves_function: bool = False     # ensures: equal outputs on one seeded input
+    function_tolerance: float = 1e-4     # relative L2 error allowed by that check (float rounding)
+    function_seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise PreconditionError where `model` is not something this pass can work on."""
+        if not isinstance(model, onnx.ModelProto) or not model.HasField("graph"):
+            raise PreconditionError(f"{self.name} needs an onnx.ModelProto with a graph")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
+        """Raise PostconditionError where `result` breaks a promise (see the module docstring)."""
+        after = result.model
+        try:
+            check_model(after)
+        except (onnx.checker.ValidationError, ValueError) as error:
+            raise PostconditionError(f"{self.name}: the result fails onnx.checker: {error}") from error
+        if output_dims(after) != output_dims(before):
+            raise PostconditionError(f"{self.name} changed the graph outputs: {output_dims(before)} -> "
+                                     f"{output_dims(after)}")
+        if self.preserves_function and result.modified:
+            try:
+                error = output_difference(before, after, self.function_seed)
+            except ValueError as reason:  # no generated input: the check cannot run
+                result.details["function_check"] = f"not run: {reason}"
+                return
+            result.details["function_check"] = {"max_relative_error": error}
+            if not error <= self.function_tolerance:
+                raise PostconditionError(f"{self.name} promises the same function, but outputs differ by "
+                                         f"{error:.3g} (relative) on a seeded input")
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        digest = model_digest(model)
+        result = self.call(model)
+        if model_digest(model) != digest:
+            raise PostconditionError(f"{self.name} mutated its input model")
+        self.ensures(model, result)
+        return result
+
+
+class Sequential(Pass):
+    """Passes applied in order; modified if any of them modified the model; details keyed by pass name
+    (``Name#2`` for a second pass of the same name).  Each pass checks its own contract."""
+
+    def __init__(self, *passes: Pass):
+        self.passes = passes
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        details, modified = {}, False
+        for step in self.passes:
+            result = step(model)
+            key, n = step.name, 1
+            while key in details:
+                n += 1
+                key = f"{step.name}#{n}"
+            details[key] = result.details
+            model, modified = result.model, modified or result.modified
+        return PassResult(model, modified, details)
+
+    def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
+        """Every step has checked its own result already; the composition keeps the outputs."""
+        if output_dims(result.model) != output_dims(before):
+            raise PostconditionError(f"{self.name} changed the graph outputs")

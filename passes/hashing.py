@@ -12,8 +12,10 @@ at least ``GRID_PER_SIGMA`` points per kernel standard deviation this is scipy's
 about 1e-3 of the peak density (`kde_density` is tested against it), for every weight of every layer, with no
 subsampling.
 
-Requires: constant weights (a normalised model).  Ensures: the same graph with new weight values; the input
-model is not mutated.
+Requires: constant weights (a normalised model).  Ensures (checked): the same graph with new weight values,
+no hashed tensor holding more distinct values than before, onnx.checker passes, outputs unchanged, the input
+model not mutated.  ``details``: per hashed tensor its distinct values before and after (``layers``), and the
+totals.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 from scipy.ndimage import gaussian_filter1d
 
-from onnx_prune.passes.base import PassResult, copy_model
+from onnx_prune.passes.base import Pass, PassResult, PostconditionError, copy_model
 
 DEFAULT_BANDWIDTH = 0.005  # benchmarks/red_bandwidth.py: the largest with >= 99 % top-1 agreement
 GRID_PER_SIGMA = 4          # grid points per kernel standard deviation
@@ -140,20 +142,17 @@ class HashedLayer:
 
 
 @dataclass
-class HashWeightsPass:
+class HashWeightsPass(Pass):
     """Hash every Conv/Gemm/MatMul weight (and, with ``biases``, their bias vectors, as layers of their own)."""
     bandwidth: float = DEFAULT_BANDWIDTH
     per_neuron: bool = False
     biases: bool = False
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        hashed, layers = self.hash(model)
-        return PassResult(hashed, any(layer.before != layer.after for layer in layers))
-
-    def hash(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[HashedLayer]]:
-        """The hashed model and, per hashed tensor, how many distinct values it holds before and after."""
+    def __post_init__(self):
         if not self.bandwidth > 0:
             raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
         model = copy_model(model)
         inits = {t.name: t for t in model.graph.initializer}
         layers, done = [], set()
@@ -171,7 +170,16 @@ class HashWeightsPass:
                 hashed = self._hash_tensor(weight, axis if weight.ndim > 1 else None)
                 inits[name].CopyFrom(numpy_helper.from_array(hashed, name))
                 layers.append(HashedLayer(name, node.name, int(weight.size), _distinct(weight), _distinct(hashed)))
-        return model, layers
+        details = {"layers": [layer.to_dict() for layer in layers],
+                   "distinct_before": sum(layer.before for layer in layers),
+                   "distinct_after": sum(layer.after for layer in layers)}
+        return PassResult(model, any(layer.before != layer.after for layer in layers), details)
+
+    def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
+        super().ensures(before, result)
+        grown = [layer["param"] for layer in result.details["layers"] if layer["after"] > layer["before"]]
+        if grown:
+            raise PostconditionError(f"{self.name}: more distinct values after hashing in {', '.join(grown)}")
 
     def _hash_tensor(self, weight: np.ndarray, axis: int | None) -> np.ndarray:
         if not self.per_neuron or axis is None:
