@@ -183,10 +183,15 @@ def test_load_npz_inputs(tmp_path):
     samples = load_npz_inputs(tmp_path / "stacked.npz", model)
     assert len(samples) == 3
     assert samples[2]["x"].dtype == np.float32 and np.allclose(samples[2]["x"], stacked[2])
+    # an array of the input's rank is N samples along the (dynamic) batch axis: one feed each
     np.savez(tmp_path / "single.npz", x=stacked[0])
-    assert len(load_npz_inputs(tmp_path / "single.npz", model)) == 1
-    np.savez(tmp_path / "misnamed.npz", image=stacked[0])
-    with pytest.raises(ValueError, match=r"missing arrays for \['x'\], unknown arrays \['image'\]"):
+    split = load_npz_inputs(tmp_path / "single.npz", model)
+    assert len(split) == 2 and split[1]["x"].shape == (1, 3, 8, 8) and np.allclose(split[1]["x"][0], stacked[0, 1])
+    # a single-input model takes the one array whatever its name; two candidates are ambiguous
+    np.savez(tmp_path / "renamed.npz", image=stacked[0])
+    assert len(load_npz_inputs(tmp_path / "renamed.npz", model)) == 2
+    np.savez(tmp_path / "misnamed.npz", image=stacked[0], other=stacked[1])
+    with pytest.raises(ValueError, match=r"missing arrays for \['x'\], unknown arrays \['image', 'other'\]"):
         load_npz_inputs(tmp_path / "misnamed.npz", model)
     np.savez(tmp_path / "flat.npz", x=stacked[0, 0, 0])
     with pytest.raises(ValueError, match=r"'x' has rank 2; the model input has rank 4"):
