@@ -1,0 +1,194 @@
+"""Hostile and unusual inputs (issue 11): one regression test per defect, each on a small model built here.
+
+Every test failed on the code before its fix (commit 94de335); the comment above each says how.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_prune
+from onnx_prune.errors import InvalidResultError, OutputPathError, PruneError
+from onnx_prune.runtime import io
+
+from conftest import fixture_path
+from invariants import feeds_for, relative_error, run
+
+F32 = TensorProto.FLOAT
+
+
+def _chain(widths=(3, 8, 8), opset=13, batch="N", spatial=(8, 8), name="chain") -> onnx.ModelProto:
+    """x -> (Conv 3x3 -> Relu) per width step -> GlobalAveragePool -> Flatten -> Gemm -> logits."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    h = "x"
+    for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+        inits += [numpy_helper.from_array(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [h, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        h = f"r{i}"
+    inits += [numpy_helper.from_array(rng.standard_normal((4, widths[-1])).astype(np.float32), "fc.w")]
+    nodes += [helper.make_node("GlobalAveragePool", [h], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc.w"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", F32, [batch, widths[0], *spatial])],
+                              [helper.make_tensor_value_info("logits", F32, [batch, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _save_external(model: onnx.ModelProto, path, location: str) -> None:
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
+
+
+# --- 1. the input is destroyed through external-data names
+# Before: refuse_overwrite compared OUT with IN and OUT.data with IN.data only, so both saves below went ahead
+# and left an input that no longer loads.
+
+def test_output_model_may_not_be_the_inputs_data_file(tmp_path):
+    shutil.copy(fixture_path("external_data"), tmp_path / "m.onnx")
+    shutil.copy(fixture_path("external_data").with_suffix(".onnx.data"), tmp_path / "external_data.onnx.data")
+    data = tmp_path / "external_data.onnx.data"
+    before = data.read_bytes()
+    pruned, _ = onnx_prune.prune(tmp_path / "m.onnx", ratio=0.3)
+    with pytest.raises(OutputPathError, match="external data"):
+        io.save(pruned, data, input_path=tmp_path / "m.onnx")
+    assert data.read_bytes() == before
+    onnx_prune.load(tmp_path / "m.onnx")
+
+
+def test_input_data_named_like_the_outputs_data_file(tmp_path):
+    _save_external(_chain(), tmp_path / "in.onnx", "out.onnx.data")  # the input reads out.onnx.data
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    pruned, _ = onnx_prune.prune(tmp_path / "in.onnx", ratio=0.3)
+    with pytest.raises(OutputPathError, match="external data"):
+        io.save(pruned, tmp_path / "out.onnx", input_path=tmp_path / "in.onnx", external_data=True)
+    assert (tmp_path / "out.onnx.data").read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_hard_link_to_the_input_is_refused(tmp_path):
+    onnx.save(_chain(), str(tmp_path / "in.onnx"))
+    os.link(tmp_path / "in.onnx", tmp_path / "alias.onnx")
+    with pytest.raises(OutputPathError, match="input model"):
+        io.check_output_paths(tmp_path / "in.onnx", tmp_path / "alias.onnx")
+
+
+# --- 2. reports may overwrite anything
+# Before: there was no check for report paths at all.
+
+def test_report_paths_are_checked_against_inputs_and_outputs(tmp_path):
+    _save_external(_chain(), tmp_path / "in.onnx", "weights.bin")
+    out = tmp_path / "out.onnx"
+    for report, words in ((tmp_path / "in.onnx", "input model"), (tmp_path / "weights.bin", "external data"),
+                          (out, "same file"), (tmp_path / "out.onnx.data", "same file"),
+                          (tmp_path / "missing" / "r.json", "does not exist"), (tmp_path, "folder")):
+        with pytest.raises(OutputPathError, match=words):
+            io.check_output_paths(tmp_path / "in.onnx", out, {"--report": report})
+    io.check_output_paths(tmp_path / "in.onnx", out, {"--report": tmp_path / "r.json"})
+
+
+# --- 6. external data depends on the working directory; two renames leave a stray OUT.data
+# Before: onnx.save checked the data file name against the working directory (FileExistsError on a second run
+# in the model's folder, or when an unrelated ./o.onnx.data existed), and a failed model rename left OUT.data.
+
+def test_external_data_save_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    model = _chain()
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        io.save(model, "o.onnx", external_data=True)
+    (tmp_path / "sub").mkdir()
+    io.save(model, "sub/o.onnx", external_data=True)  # ./o.onnx.data exists and is unrelated
+    feeds = feeds_for(model)
+    for path in ("o.onnx", "sub/o.onnx"):
+        onnx.checker.check_model(path, full_check=True)
+        loaded = onnx.load(path)
+        assert relative_error(run(model, feeds), run(loaded, feeds)) == 0.0
+    assert sorted(os.listdir(tmp_path / "sub")) == ["o.onnx", "o.onnx.data"]
+
+
+def test_failed_move_leaves_neither_model_nor_data(tmp_path, monkeypatch):
+    model, out = _chain(), tmp_path / "o.onnx"
+    real_replace = os.replace
+
+    def replace(src, dst):  # the disk refuses the second of the two moves
+        if str(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError):
+        io.save(model, out, external_data=True)
+    assert sorted(os.listdir(tmp_path)) == []
+    # with an earlier result in place, the earlier data file is put back
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    io.save(model, out, external_data=True)
+    earlier = (tmp_path / "o.onnx.data").read_bytes()
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError):
+        io.save(_chain(widths=(3, 8, 16)), out, external_data=True)
+    assert (tmp_path / "o.onnx.data").read_bytes() == earlier
+    assert sorted(os.listdir(tmp_path)) == ["o.onnx", "o.onnx.data"]
+
+
+# --- 8. a killed save leaves .onnx-prune-*/ behind
+# Before: the staging folder had no owner in its name and nothing removed it later.
+
+def test_stale_staging_folders_of_dead_runs_are_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{io.STAGING_PREFIX}{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "o.onnx.data").write_bytes(b"partial")
+    alive = tmp_path / f"{io.STAGING_PREFIX}{os.getppid()}-def456"  # a live process's folder stays
+    alive.mkdir()
+    io.save(_chain(), tmp_path / "o.onnx")
+    assert not stale.exists() and alive.exists()
+
+
+def test_interrupted_save_removes_its_staging_folder(tmp_path, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt  # what the CLI turns SIGINT and SIGTERM into
+
+    monkeypatch.setattr(io, "_write_model_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save(_chain(), tmp_path / "o.onnx", external_data=True)
+    assert os.listdir(tmp_path) == []
+
+
+# --- 12. OUT.data was written 0600 while OUT was 0644
+
+def test_model_and_data_file_have_the_same_mode(tmp_path):
+    out = io.save(_chain(), tmp_path / "o.onnx", external_data=True)
+    modes = {os.stat(p).st_mode & 0o777 for p in (out, tmp_path / "o.onnx.data")}
+    assert len(modes) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}
+
+
+# --- 13. every written model: no zero-sized dimension, loads in onnxruntime
+
+def test_check_result_refuses_zero_sized_tensors_and_unloadable_models():
+    model = _chain()
+    io.check_result(model)
+    empty = onnx.ModelProto()
+    empty.CopyFrom(model)
+    w = next(t for t in empty.graph.initializer if t.name == "w1")
+    w.CopyFrom(numpy_helper.from_array(np.zeros((0, 8, 3, 3), np.float32), "w1"))
+    with pytest.raises(InvalidResultError, match="zero-sized"):
+        io.check_result(empty)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    w = next(t for t in broken.graph.initializer if t.name == "w1")
+    w.CopyFrom(numpy_helper.from_array(np.zeros((8, 8, 3, 3), np.float64), "w1"))  # a double weight: type error
+    with pytest.raises(InvalidResultError, match="onnxruntime"):
+        io.check_result(broken, original=model)
