@@ -106,16 +106,22 @@ def _unshare_uniform_tensors(graph: onnx.GraphProto) -> bool:
 
 
 def _name_nodes(graph: onnx.GraphProto) -> bool:
-    """Give unnamed or duplicate-named nodes a deterministic unique name."""
+    """Give unnamed nodes (and repeats of a name) a deterministic unique name.  A name the user gave is never
+    changed: `--exclude Conv_0` must protect the node the user called Conv_0, so generated names avoid every
+    explicit one.  Of several nodes sharing one name, the first keeps it."""
+    taken = {node.name for node in graph.node if node.name}
     seen: set[str] = set()
     changed = False
     for i, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            base = node.name or f"{node.op_type}_{i}"
-            name, k = base, 1
-            while name in seen:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-            changed = True
-        seen.add(node.name)
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        changed = True
     return changed

@@ -192,3 +192,20 @@ def test_check_result_refuses_zero_sized_tensors_and_unloadable_models():
     w.CopyFrom(numpy_helper.from_array(np.zeros((8, 8, 3, 3), np.float64), "w1"))  # a double weight: type error
     with pytest.raises(InvalidResultError, match="onnxruntime"):
         io.check_result(broken, original=model)
+
+
+# --- 9. generated node names shadowed explicit ones
+# Before: an unnamed Conv (index 0) became "Conv_0" and the user's own "Conv_0" was renamed "Conv_0_1", so
+# `exclude=["Conv_0"]` protected the wrong layer.
+
+def test_user_node_names_are_never_changed():
+    model = _chain(widths=(3, 8, 8, 8))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    convs[0].name = ""          # normalisation will name it after its op and index: "Conv_0"
+    convs[1].name = "Conv_0"    # the user's own name for the second conv
+    prepared = onnx_prune.prepare(model)
+    names = [n.name for n in prepared.model.graph.node if n.op_type == "Conv"]
+    assert names[1] == "Conv_0" and names[0] not in ("Conv_0", "") and len(set(names)) == 3
+    pruned, _ = onnx_prune.prune(model, ratio=0.5, exclude=["Conv_0"])
+    widths = {t.name: t.dims[0] for t in pruned.graph.initializer if t.name in ("w0", "w1", "w2")}
+    assert widths["w1"] == 8 and widths["w0"] < 8  # the user's Conv_0 (the second conv) kept its channels
