@@ -244,9 +244,25 @@ def analyze_channels(model: onnx.ModelProto, shapes: dict[str, list | None] | No
     return _partition(ctx, node_ops)
 
 
+def _freeze_param(ctx: Context, name: str, reason: str) -> None:
+    for (param, _axis), ids in ctx.param_ids.items():
+        if param == name:
+            ctx.freeze(ids, reason)
+
+
 def _freeze_unclaimed_weights(ctx: Context, graph: onnx.GraphProto) -> None:
-    """A weight that some node uses in a way no rule understood cannot be sliced."""
+    """A weight that some node uses in a way no rule understood cannot be sliced; nor can one the graph
+    shows to the outside: a graph output keeps its shape, and a graph input (an overridable initializer,
+    as `keep_initializers_as_inputs` exports write every weight) may be replaced at run time by a tensor of
+    its declared shape."""
     owned = {m.param for m in ctx.members}
+    for out in graph.output:
+        if out.name in owned:
+            _freeze_param(ctx, out.name, f"weight '{out.name}' is a graph output (outputs keep their shapes)")
+    for value in graph.input:
+        if value.name in owned:
+            _freeze_param(ctx, value.name, f"weight '{value.name}' is also a graph input, which may replace it "
+                                           "at run time (re-export without keep_initializers_as_inputs to prune it)")
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in owned and (node.name, i) not in ctx.claimed:

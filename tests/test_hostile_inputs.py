@@ -209,3 +209,62 @@ def test_user_node_names_are_never_changed():
     pruned, _ = onnx_prune.prune(model, ratio=0.5, exclude=["Conv_0"])
     widths = {t.name: t.dims[0] for t in pruned.graph.initializer if t.name in ("w0", "w1", "w2")}
     assert widths["w1"] == 8 and widths["w0"] < 8  # the user's Conv_0 (the second conv) kept its channels
+
+
+# --- 3. a weight that is also a graph output was pruned (the output changed shape)
+
+def _with_weight_output(model: onnx.ModelProto, weight: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    tensor = next(t for t in out.graph.initializer if t.name == weight)
+    out.graph.output.append(helper.make_tensor_value_info(weight, tensor.data_type, list(tensor.dims)))
+    return out
+
+
+def test_weight_that_is_a_graph_output_keeps_its_shape():
+    model = _with_weight_output(_chain(widths=(3, 8, 8, 8)), "w1")
+    prepared = onnx_prune.prepare(model)
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    assert group.prunable == 0 and any("graph output" in r for r in group.reasons)
+    consumer = next(g for g in prepared.analysis.groups if "conv0" in g.nodes("producer"))
+    assert consumer.prunable == 0  # w1's input axis is part of the output's shape too
+    pruned, _ = onnx_prune.prune(model, ratio=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = feeds_for(model)
+    before, after = run(model, feeds), run(pruned, feeds)
+    assert [a.shape for a in before] == [a.shape for a in after]
+    assert np.array_equal(before[1], after[1])
+
+
+# --- 4. weights that are also graph inputs (overridable initializers; keep_initializers_as_inputs exports)
+# Decision: such a weight may be replaced at run time by a tensor of its declared shape, so its channels are
+# frozen, with a reason naming it.  Before: they were pruned, and feeding the original weight shape failed.
+
+def _initializers_as_inputs(model: onnx.ModelProto, names=None, symbolic=False) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if names is None or tensor.name in names:
+            dims = [f"d{i}" for i in range(len(tensor.dims))] if symbolic else list(tensor.dims)
+            out.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, dims))
+    return out
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_overridable_initializer_is_frozen(symbolic):
+    model = _initializers_as_inputs(_chain(widths=(3, 8, 8, 8)), {"w1"}, symbolic)
+    prepared = onnx_prune.prepare(model)
+    for producer in ("conv0", "conv1"):  # w1's input axis and output axis
+        group = next(g for g in prepared.analysis.groups if producer in g.nodes("producer"))
+        assert group.prunable == 0 and any("graph input" in r for r in group.reasons), group.reasons
+    pruned, _ = onnx_prune.prune(model, ratio=0.5)
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    feeds = [dict(f, w1=w1 * 0.5) for f in feeds_for(model)]  # the weight overridden at run time
+    assert [a.shape for a in run(pruned, feeds)] == [a.shape for a in run(model, feeds)]  # accepts that shape
+    assert next(t for t in pruned.graph.initializer if t.name == "w2").dims[0] < 8  # the rest is pruned
+
+
+def test_keep_initializers_as_inputs_export_is_frozen_with_a_reason():
+    model = _initializers_as_inputs(_chain(widths=(3, 8, 8, 8)))  # every weight is an input (IR < 4 style)
+    with pytest.raises(PruneError, match="graph input"):
+        onnx_prune.prune(model, ratio=0.5)
