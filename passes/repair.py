@@ -29,15 +29,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import scipy.linalg
-from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, subgraph_reads
 from onnx_prune.passes.base import PassResult, copy_model
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import position_map
+from onnx_prune.runtime.calibration import (Layer, _in_axis, conv_pads, im2col, intermediate_tensors,  # noqa: F401
+                                            layer_rows, output_axis, output_rows, upstream_graph)
 from onnx_prune.runtime.sessions import input_specs
 
 RIDGE = 1e-3
@@ -81,82 +81,6 @@ class RepairReport:
                          f"{layer.error_after:>8.4f}  {'yes' if layer.applied else 'no (kept)'}")
         lines += [f"{node}: not refitted, {why}" for node, why in sorted(self.skipped.items())]
         return "\n".join(lines)
-
-
-# --- the layers a reduction touched
-
-@dataclass
-class Layer:
-    """A refittable layer: how to read its weights as theta (features x outputs) and write them back."""
-    node: onnx.NodeProto
-    wave: int = 0
-
-    @property
-    def op(self) -> str:
-        return self.node.op_type
-
-    def attr(self, name: str, default):
-        return next((helper.get_attribute_value(a) for a in self.node.attribute if a.name == name), default)
-
-    @property
-    def bias_name(self) -> str:
-        return self.node.input[2] if len(self.node.input) > 2 else ""
-
-    @property
-    def fits_bias(self) -> bool:
-        return self.op == "Conv" or (self.op == "Gemm" and self.attr("beta", 1.0) != 0)
-
-    def theta(self, weights: dict[str, np.ndarray]) -> np.ndarray:
-        """Current effective weights, one column per output (+ a bias row where fitted)."""
-        w = weights[self.node.input[1]].astype(np.float64)
-        if self.op == "Conv":
-            matrix = w.reshape(len(w), -1).T
-        elif self.op == "Gemm":
-            matrix = self.attr("alpha", 1.0) * (w.T if self.attr("transB", 0) else w)
-        else:
-            matrix = w
-        if not self.fits_bias:
-            return matrix
-        bias = weights[self.bias_name].astype(np.float64).reshape(-1) if self.bias_name else \
-            np.zeros(matrix.shape[1])
-        scale = self.attr("beta", 1.0) if self.op == "Gemm" else 1.0
-        return np.vstack([matrix, scale * np.broadcast_to(bias, (matrix.shape[1],))])
-
-    def write(self, model: onnx.ModelProto, theta: np.ndarray) -> None:
-        """Store theta back into the layer's initializers (a bias input is added where there was none)."""
-        inits = {t.name: t for t in model.graph.initializer}
-        node = next(n for n in model.graph.node if n.name == self.node.name)
-        old = numpy_helper.to_array(inits[node.input[1]])
-        matrix = theta[:-1] if self.fits_bias else theta
-        if self.op == "Conv":
-            new = matrix.T.reshape(old.shape)
-        elif self.op == "Gemm":
-            new = (matrix.T if self.attr("transB", 0) else matrix) / self.attr("alpha", 1.0)
-        else:
-            new = matrix
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(new.astype(old.dtype), node.input[1]))
-        if not self.fits_bias:
-            return
-        bias = theta[-1] / (self.attr("beta", 1.0) if self.op == "Gemm" else 1.0)
-        if self.bias_name:
-            shape = numpy_helper.to_array(inits[self.bias_name]).shape
-            inits[self.bias_name].CopyFrom(numpy_helper.from_array(bias.reshape(shape).astype(old.dtype),
-                                                                   self.bias_name))
-        else:
-            name = f"{node.name}.repair_bias"
-            model.graph.initializer.append(numpy_helper.from_array(bias.astype(old.dtype), name))
-            if len(node.input) > 2:  # an empty name stood for "no bias"
-                node.input[2] = name
-            else:
-                node.input.append(name)
-
-
-def _in_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 0
-    return weight.ndim - 2
 
 
 def _unfit(node: onnx.NodeProto, weights: dict, readers: dict[str, int]) -> str | None:
@@ -229,61 +153,6 @@ def assign_waves(model: onnx.ModelProto, layers: list[Layer]) -> None:
             level[out] = reach
 
 
-# --- rows: im2col patches and targets at sampled positions
-
-def conv_pads(layer: Layer, in_hw: tuple[int, int], out_hw: tuple[int, int], kernel: tuple[int, int]) -> list[int]:
-    """[top, left, bottom, right] padding, from `pads` or `auto_pad`."""
-    auto = layer.attr("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("NOTSET", ""):
-        return list(layer.attr("pads", [0, 0, 0, 0]))
-    if auto == "VALID":
-        return [0, 0, 0, 0]
-    strides, dilations = layer.attr("strides", [1, 1]), layer.attr("dilations", [1, 1])
-    begin, end = [], []
-    for i in range(2):
-        total = max((out_hw[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_hw[i], 0)
-        small = total // 2
-        begin.append(total - small if auto == "SAME_LOWER" else small)
-        end.append(total - begin[-1])
-    return begin + end
-
-
-def im2col(x: np.ndarray, kernel: tuple[int, int], strides, pads, dilations, out_hw) -> np.ndarray:
-    """A view (N, C, H_out, W_out, kh, kw) of every receptive field of x (N, C, H, W), without copying."""
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = [(kernel[i] - 1) * dilations[i] + 1 for i in range(2)]
-    windows = sliding_window_view(padded, span, axis=(2, 3))
-    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
-    return windows[:, :, :out_hw[0], :out_hw[1]]
-
-
-def layer_rows(layer: Layer, x: np.ndarray, out_shape: tuple[int, ...], kernel: tuple[int, ...],
-               rows: np.ndarray) -> np.ndarray:
-    """Input features of the layer at output rows `rows` (flat indices over the output's non-channel dims)."""
-    if layer.op == "Conv":
-        n, oy, ox = np.unravel_index(rows, (out_shape[0],) + tuple(out_shape[2:]))
-        windows = im2col(x, kernel, layer.attr("strides", [1, 1]),
-                         conv_pads(layer, x.shape[2:], out_shape[2:], kernel), layer.attr("dilations", [1, 1]),
-                         out_shape[2:])
-        features = windows[n, :, oy, ox].reshape(len(rows), -1)
-    else:
-        features = x.reshape(-1, x.shape[-1])[rows]
-    features = features.astype(np.float64)
-    return np.hstack([features, np.ones((len(rows), 1))]) if layer.fits_bias else features
-
-
-def output_rows(y: np.ndarray, channel_axis: int, rows: np.ndarray) -> np.ndarray:
-    """(rows, channels) of an output tensor at flat indices `rows` over its non-channel dims (no full copy)."""
-    index = list(np.unravel_index(rows, y.shape[:channel_axis] + y.shape[channel_axis + 1:]))
-    index.insert(channel_axis, slice(None))
-    return y[tuple(index)]
-
-
-def output_axis(layer: Layer, ndim: int) -> int:
-    return 1 if layer.op in ("Conv", "Gemm") else ndim - 1
-
-
 def split_feeds(count: int, holdout: float = HOLDOUT) -> tuple[list[int], list[int]]:
     """(fit, held-out) feed indices: every round(1/holdout)-th feed is held out (the last one at least)."""
     if count < 2:
@@ -353,36 +222,6 @@ def batch_feeds(feeds: list[dict], model: onnx.ModelProto, batch: int = BATCH) -
     if pending:
         runs.append({n: np.concatenate([f[n] for f in pending]) for n in names})
     return runs
-
-
-def upstream_graph(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` computing only `tensors` (its outputs): the nodes they depend on, nothing after."""
-    needed, nodes = set(tensors), []
-    for node in reversed(model.graph.node):
-        if needed & set(node.output):
-            nodes.append(node)
-            needed |= set(node.input) | subgraph_reads(node)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.node[:], probe.graph.output[:]
-    probe.graph.node.extend(reversed(nodes))
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    kept = [t for t in probe.graph.initializer if t.name in needed]
-    del probe.graph.initializer[:]
-    probe.graph.initializer.extend(kept)
-    return probe
-
-
-def intermediate_tensors(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]):
-    """Yield, per feed, the named intermediate tensors (a session that computes nothing else)."""
-    probe = upstream_graph(model, tensors)
-    options = ort.SessionOptions()
-    # numpy works between runs: onnxruntime's threads must not spin-wait for the next run meanwhile
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
-    for feed in feeds:
-        yield dict(zip(tensors, session.run(tensors, {k: v for k, v in feed.items() if k in inputs})))
 
 
 class LeastSquaresRepairPass:
