@@ -28,12 +28,17 @@ def observed_tensors(model: onnx.ModelProto, analysis: ChannelAnalysis, group_id
     return chosen
 
 
-def _run(model: onnx.ModelProto, tensors: list[str], inputs: list[dict]) -> list[list[np.ndarray]]:
+def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
+    """A CPU session of `model` with the intermediate `tensors` exposed as extra graph outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, tensors: list[str], inputs: list[dict]) -> list[list[np.ndarray]]:
+    session = probe_session(model, tensors)
     return [session.run(tensors, feed) for feed in inputs]
 
 
