@@ -22,6 +22,7 @@ CHOICE = "what to remove"
 METHOD = "method options"
 BLEND = "--criterion blend: criteria clustered, their weights searched"
 DATA = "data"
+SPEED = "speed: where latency is measured (--target-latency, the never-slower check)"
 
 
 @dataclass
@@ -32,6 +33,9 @@ class PruneOptions:
     target_macs: float | None = option(None, "keep this fraction of the MACs (within 1%%)", group=TARGET,
                                        metavar="F")
     target_params: float | None = option(None, "keep this fraction of the parameters", group=TARGET, metavar="F")
+    target_latency: float | None = option(None, "keep this fraction of the original's latency, measured with "
+                                          "onnxruntime on --provider/--threads/--latency-batch", group=TARGET,
+                                          metavar="F")
     criterion: str = option("l2", "channel saliency: l1, l2, fpgm, bn, random, similarity, nystrom (data-free) or "
                             "activation, apoz (need --calib), or blend; default l2", group=CHOICE)
     aggregate: str = option("domino-o", "how scores of coupled layers combine: domino-o (sum over producers, "
@@ -52,8 +56,8 @@ class PruneOptions:
     method: str = option("prune", "how channels go: prune (drop the lowest-scoring), similarity (drop one of each "
                          "most similar pair), centripetal (k-means merge), red (hash + merge + prune + uneven "
                          "depthwise separation), hash (weight hashing alone)", group=CHOICE)
-    compensate: bool = option(False, "with --method similarity: fold a removed channel into its most similar kept "
-                              "one", group=METHOD, action="store_true")
+    merge_neighbours: bool = option(False, "with --method similarity: fold a removed channel into its most "
+                                    "similar kept one", group=METHOD, action="store_true")
     medoid: bool = option(False, "with --method centripetal: keep each cluster's medoid instead of its centroid",
                           group=METHOD, action="store_true")
     repair: bool = option(False, "refit the layers reading reduced channels by least squares on --calib data",
@@ -65,6 +69,10 @@ class PruneOptions:
     per_neuron: bool = option(False, "red/hash: one KDE per output neuron", group=METHOD, action="store_true")
     merge_tol: float = option(0.0, "red: merge channels within this relative distance (default 0: identical "
                               "only)", group=METHOD)
+    max_merge_tol: float = option(1.0, "red with a target: raise the merge tolerance up to this until merging "
+                                  "alone reaches the target; the rest is pruned (default 1)", group=METHOD)
+    separate_depthwise: bool = option(True, "red: no uneven depthwise separation", group=METHOD,
+                                      action="store_false", flag="--no-separate")
     landmarks: int = option(9, "Nystrom landmark count", group=METHOD)
     generations: int = option(10, "differential-evolution generations (10)", group=BLEND)
     population: int = option(16, "candidates per generation (16)", group=BLEND)
@@ -77,9 +85,30 @@ class PruneOptions:
     blend_metric: str = option("auto", "fitness: top-1 agreement with the original where outputs are class "
                                "scores, else relative output error (auto)", group=BLEND,
                                choices=["auto", "agreement", "error"])
-    calib: str | None = option(None, "calibration inputs for the activation and apoz criteria and for --repair",
+    calib: str | None = option(None, "calibration data for the activation and apoz criteria and for --repair: "
+                               ".npz (N samples along the batch axis), .npy, an image folder or a .py data loader",
                                group=DATA, metavar="DATA")
     seed: int = option(0, "seed for generated inputs and seeded criteria (default 0)", group=DATA)
+    provider: str = option("cpu", "onnxruntime execution provider to measure latency on: cpu, cuda, tensorrt "
+                           "(default cpu)", group=SPEED)
+    threads: int | None = option(None, "onnxruntime intra-op threads for latency measurements (default: "
+                                 "onnxruntime's)", group=SPEED, metavar="N")
+    latency_batch: int = option(1, "batch size latency is measured at (default 1)", group=SPEED, metavar="B")
+    latency_table: str | None = option(None, "latency table JSON: read when it exists (must match model and "
+                                       "settings), else measured and written there (reproducible runs)",
+                                       group=SPEED, metavar="FILE")
+    min_speedup: float | None = option(None, "fail (exit 4) when the measured speed-up over the original is "
+                                       "below S", group=SPEED, metavar="S")
+    image_size: str | None = option(None, "image folders: resize to H,W (default: the model's input size)",
+                                    group=DATA, metavar="H,W")
+    mean: str | None = option(None, "image pixels (scaled to [0, 1]): subtract this, one value or one per channel",
+                              group=DATA, metavar="M[,M,M]")
+    std: str | None = option(None, "image pixels: then divide by this, one value or one per channel",
+                             group=DATA, metavar="S[,S,S]")
+    layout: str | None = option(None, "the model's image layout (default: guessed from its input shape)",
+                                group=DATA, choices=["NCHW", "NHWC"])
+    color: str | None = option(None, "channel order the model wants (default: GRAY for 1 channel, else RGB)",
+                               group=DATA, choices=["RGB", "BGR", "GRAY"])
 
     def target(self):
         from onnx_prune.passes.allocate import Target

@@ -12,15 +12,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
-from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES, Scoring, channel_scores
+from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES
 from onnx_prune.errors import PruneError
 from onnx_prune.options import PruneOptions
-from onnx_prune.passes.allocate import Allocator, CostModel, Target, excluded_groups
+from onnx_prune.passes.constraints import Constraints, Target
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
-from onnx_prune.passes.similarity import SimilaritySelect
-from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
+from onnx_prune.runtime.activations import CALIBRATION_CRITERIA
 from onnx_prune.runtime import io
 from onnx_prune.runtime.cost import Cost, count_cost
 from onnx_prune.runtime.shapes import infer_shapes
@@ -35,6 +34,8 @@ class Prepared:
     analysis: ChannelAnalysis
     source: str
     external_data: bool = False
+    passes: tuple[str, ...] = ()  # graph passes applied before the analysis (e.g. FoldBatchNormPass)
+    original: onnx.ModelProto | None = None  # the normalised model before those passes
 
     def weights(self):
         """Initializer name -> array, decoded once per prepared model however many steps ask."""
@@ -50,10 +51,17 @@ class Prepared:
         return read
 
 
-def prepare(model: "ModelLike | Prepared") -> Prepared:
-    """Load (if a path), check, normalise and analyse a model."""
+def prepare(model: "ModelLike | Prepared", passes: list | tuple = ()) -> Prepared:
+    """Load (if a path), check, normalise and analyse a model; `passes` (graph passes such as BatchNorm
+    folding) run on the normalised model before the analysis, so it is analysed once."""
     if isinstance(model, Prepared):
-        return model
+        names = tuple(type(p).__name__ for p in passes)
+        if model.passes == names:
+            return model
+        if model.passes:
+            raise PruneError(f"this prepared model went through {', '.join(model.passes)}; prepare the "
+                             "original again")
+        return _analysed(model.model, model.source, model.external_data, passes)
     if isinstance(model, onnx.ModelProto):
         try:
             onnx.checker.check_model(model)
@@ -67,8 +75,35 @@ def prepare(model: "ModelLike | Prepared") -> Prepared:
     if opset < 11:
         raise PruneError(f"{source} uses opset {opset}; onnx-prune needs opset 11 or newer "
                          "(onnx.version_converter can upgrade it)")
-    normalized = NormalizeWeightsPass()(proto).model
-    return Prepared(normalized, analyze_channels(normalized, infer_shapes(normalized)), source, external)
+    return _analysed(NormalizeWeightsPass()(proto).model, source, external, passes)
+
+
+def _analysed(normalized: onnx.ModelProto, source: str, external: bool, passes) -> Prepared:
+    model = normalized
+    for graph_pass in passes:
+        model = graph_pass(model).model
+    return Prepared(model, analyze_channels(model, infer_shapes(model)), source, external,
+                    tuple(type(p).__name__ for p in passes), normalized if passes else None)
+
+
+def prepare_folded(model: "ModelLike | Prepared") -> Prepared:
+    """`prepare`, with every Conv->BatchNormalization folded first (the same function, to float rounding)."""
+    from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
+
+    return prepare(model, [FoldBatchNormPass()])
+
+
+def with_weights(prepared: Prepared, passes) -> tuple[Prepared, dict]:
+    """`prepared` after weight-only passes (hashing): the graph is unchanged, so the analysis still holds."""
+    model, details = prepared.model, {}
+    for weight_pass in passes:
+        result = weight_pass(model)
+        model = result.model
+        details[type(weight_pass).__name__] = getattr(result, "details", {})
+    if model is prepared.model:
+        return prepared, details
+    return Prepared(model, prepared.analysis, prepared.source, prepared.external_data, prepared.passes,
+                    prepared.original), details
 
 
 @dataclass
@@ -150,15 +185,12 @@ class PruneReport:
     channels_before: int
     channels_after: int
     groups: list[GroupSummary]
-    details: dict = field(default_factory=dict)  # method-specific: clusters, repair, blend, RED
+    details: dict = field(default_factory=dict)  # method-specific: clusters, merge, repair, blend, target
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "groups"}
         out["groups"] = [g.to_dict() for g in self.groups]
         return out
-
-
-METHODS = ("prune", "similarity", "centripetal", "red", "hash")
 
 
 @dataclass
@@ -176,7 +208,7 @@ def sweep_configurations() -> list[SweepConfig]:
     configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a})
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
-                SweepConfig("similarity-select+compensate", {"method": "similarity", "compensate": True})]
+                SweepConfig("similarity-select+merge-neighbours", {"method": "similarity", "merge_neighbours": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
     configs += [SweepConfig("blend", {"criterion": "blend", "generations": 5, "population": 10}, True),
                 SweepConfig("red", {"method": "red"}),
@@ -187,6 +219,8 @@ def sweep_configurations() -> list[SweepConfig]:
 
 
 def check_options(opts: PruneOptions) -> None:
+    from onnx_prune.methods import method_named
+
     given = [n for n, v in (("--ratio", opts.ratio), ("--target-macs", opts.target_macs),
                             ("--target-params", opts.target_params)) if v is not None]
     if len(given) > 1:
@@ -209,54 +243,33 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("blend search needs --population >= 5, --generations >= 1 and --workers >= 1")
     if opts.aggregate not in AGGREGATIONS:
         raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
-    if opts.method not in METHODS:
-        raise PruneError(f"unknown method '{opts.method}' (choose from {', '.join(METHODS)})")
+    if opts.allocation not in ("uniform", "global"):
+        raise PruneError(f"unknown allocation '{opts.allocation}' (uniform or global)")
+    method_named(opts.method)
     if opts.repair and opts.method in ("red", "hash"):
         raise PruneError("--repair works with prune, similarity and centripetal; RED is data-free")
     if opts.repair and not opts.calib:
         raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
     if opts.ridge < 0:
         raise PruneError(f"--ridge must be >= 0, got {opts.ridge}")
-    if opts.round_to < 1:
+    if isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1:
         raise PruneError(f"--round-to must be a positive integer, got {opts.round_to}")
     if opts.landmarks < 1:
         raise PruneError(f"--landmarks must be positive, got {opts.landmarks}")
+    if not opts.bandwidth > 0:
+        raise PruneError(f"--bandwidth must be positive, got {opts.bandwidth}")
+    if not 0 <= opts.merge_tol <= opts.max_merge_tol:
+        raise PruneError(f"--merge-tol must be in [0, --max-merge-tol={opts.max_merge_tol}], got {opts.merge_tol}")
 
 
-def input_stem_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes that read a graph input directly (the first conv of a CNN)."""
-    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] in inputs]
+def constraints_of(opts: PruneOptions) -> Constraints:
+    """The options' constraints, with the method's default target where the user gave none."""
+    from onnx_prune.methods import method_named
 
-
-def group_scores(prepared: Prepared, group_ids: list[int], opts: PruneOptions,
-                 scoring: Scoring) -> dict[int, np.ndarray]:
-    analysis = prepared.analysis
-    if opts.criterion in CALIBRATION_CRITERIA:
-        scores = calibration_scores(prepared.model, analysis, group_ids, _calibration_inputs(prepared, opts),
-                                    opts.criterion)
-        for gid in group_ids:  # groups no consumer reads visibly fall back to l2
-            if gid not in scores:
-                scores[gid] = channel_scores(analysis.groups[gid], scoring, "l2", opts.aggregate)
-        return scores
-    return {gid: channel_scores(analysis.groups[gid], scoring, opts.criterion, opts.aggregate, opts.normalize)
-            for gid in group_ids}
-
-
-def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> Plan:
-    """Scores for every group that may shrink, then the allocation of the target among them."""
-    skip = excluded_groups(prepared.analysis, _exclusions(prepared, opts))
-    group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
-    scoring = Scoring.of(prepared.model, prepared.weights(), opts.seed, opts.landmarks)
-    scores = group_scores(prepared, group_ids, opts, scoring)
-    cost_model = None
-    if cost is not None:
-        cost_model = CostModel.of(prepared.model, prepared.analysis, {n: c.macs for n, c in cost.per_node.items()})
-    allocator = Allocator(prepared.analysis, scores, cost_model, opts.round_to, opts.max_ratio)
-    select = None
-    if opts.method == "similarity":
-        select = SimilaritySelect(scoring, opts.compensate, nystrom=opts.criterion == "nystrom")
-    return allocator.allocate(opts.target(), opts.allocation, select)
+    given = [Target(ratio=opts.ratio), Target(macs=opts.target_macs), Target(params=opts.target_params)]
+    target = next((t for t in given if t.kind is not None), method_named(opts.method).default_target)
+    return Constraints(target, tuple(opts.exclude), opts.protect_first, opts.round_to, opts.max_ratio,
+                       opts.allocation)
 
 
 def with_overrides(cls, options, kwargs: dict):
@@ -265,13 +278,15 @@ def with_overrides(cls, options, kwargs: dict):
     if kwargs:
         unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+            raise PruneError(f"unknown option(s): {', '.join(sorted(unknown))}")
         opts = cls(**{**opts.__dict__, **kwargs})
     return opts
 
 
 def _options(options: PruneOptions | None, kwargs: dict) -> PruneOptions:
     opts = with_overrides(PruneOptions, options, kwargs)
+    if isinstance(opts.exclude, str):  # one name, not a sequence of characters
+        opts = PruneOptions(**{**opts.__dict__, "exclude": [opts.exclude]})
     check_options(opts)
     return opts
 
@@ -283,54 +298,159 @@ def _prunable(prepared: Prepared) -> Prepared:
     return prepared
 
 
+@dataclass
+class Recipe:
+    """Everything that turns the original model into the pruned one: the method and its options (they name
+    the passes before and after), the Plan over the prepared model's groups, and the prepared model itself."""
+    method: str
+    opts: PruneOptions
+    plan: Plan
+    prepared: Prepared                  # after the method's graph and weight passes
+    cost: Cost | None                   # the original's
+    details: dict
+
+
+def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
+    """Run the method's passes and Plan builder: everything `prune` does before the rewrite."""
+    from onnx_prune.methods import MethodInput, method_named
+
+    method = method_named(opts.method)
+    constraints = constraints_of(opts)
+    method.check(constraints, opts)
+    if method.needs_calibration and not opts.calib:
+        raise PruneError(f"--method {method.name} needs calibration data (--calib)")
+    prepared = _prunable(prepare(model, method.prepare_passes(opts)))
+    prepared, pass_details = with_weights(prepared, method.weight_passes(opts))
+    before = _safe_cost(prepared.model)  # counted once: the allocation and the report both use it
+    plan, details = method.build(MethodInput(prepared, constraints, opts, before))
+    details = {**pass_details, **details}
+    return Recipe(method.name, opts, plan, prepared, before, details)
+
+
+def method_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> tuple[Plan, dict]:
+    """`opts.method`'s Plan (and details) for a model already prepared with the method's passes (for
+    benchmarks and tests that compare selections on one prepared model)."""
+    from onnx_prune.methods import MethodInput, method_named
+
+    check_options(opts)
+    method = method_named(opts.method)
+    constraints = constraints_of(opts)
+    method.check(constraints, opts)
+    return method.build(MethodInput(prepared, constraints, opts, cost))
+
+
+def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> Plan:
+    return method_plan(prepared, opts, cost)[0]
+
+
 def make_plan(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
               ) -> tuple[Plan, Prepared]:
     """The Plan `prune` would apply (and the prepared model it refers to), to review or edit."""
-    opts = _options(options, kwargs)
-    prepared = _prunable(prepare(model))
-    return build_plan(prepared, opts, _safe_cost(prepared.model)), prepared
+    recipe = _plan_recipe(model, _options(options, kwargs))
+    return recipe.plan, recipe.prepared
+
+
+def _plan_recipe(model, opts: PruneOptions) -> Recipe:
+    if opts.repair:
+        raise PruneError("--repair refits weights beyond what a plan records; prune directly with --repair "
+                         "(a plan file cannot hold it)")
+    return build_recipe(model, opts)
+
+
+def plan_file(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs) -> str:
+    """The plan `prune` would apply, as JSON to review, edit, and re-apply with `apply_plan`."""
+    return recipe_to_json(_plan_recipe(model, _options(options, kwargs)))
+
+
+def recipe_to_json(recipe: Recipe) -> str:
+    """Method, options and per-group plan, with each group's name and size so that applying it to another
+    model is caught."""
+    groups = json.loads(recipe.plan.to_json())
+    for gid, entry in groups.items():
+        group = recipe.prepared.analysis.groups[int(gid)]
+        entry.update(name=group.name, size=group.size)
+    options = {k: v for k, v in recipe.opts.__dict__.items()}
+    return json.dumps({"format": "onnx-prune plan 2", "method": recipe.method, "options": options,
+                       "groups": groups}, indent=1)
 
 
 def plan_to_json(plan: Plan, prepared: Prepared) -> str:
-    """The plan with each group's name and size, so that applying it to another model is caught."""
-    data = json.loads(plan.to_json())
-    for gid, entry in data.items():
-        group = prepared.analysis.groups[int(gid)]
-        entry.update(name=group.name, size=group.size)
-    return json.dumps(data, indent=1)
+    """A bare plan (plain `prune` method) for a prepared model, as `apply_plan` reads it."""
+    return recipe_to_json(Recipe("prune", PruneOptions(), plan, prepared, None, {}))
 
 
 def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.ModelProto, PruneReport]:
-    """Apply a reviewed (possibly edited) plan written by `plan_to_json`."""
-    prepared = prepare(model)
+    """Apply a reviewed (possibly edited) plan written by `plan_file`: the recorded method's passes run again
+    (deterministic), then the plan, so an unedited plan gives the same bytes as `prune`."""
+    from onnx_prune.methods import method_named
+
     try:
         raw = json.loads(plan_json)
-        plan = Plan.from_json(plan_json)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not isinstance(raw, dict) or not isinstance(raw.get("groups"), dict):
+            raise ValueError("no 'groups' object")
+        opts = with_overrides(PruneOptions, None, raw.get("options") or {})
+        method = method_named(raw.get("method", "prune"))
+        plan = Plan.from_json(json.dumps(raw["groups"]))
+    except (ValueError, KeyError, TypeError, AttributeError, PruneError) as err:
         raise PruneError(f"not a valid plan: {err}") from None
+    prepared = _prunable(prepare(model, method.prepare_passes(opts)))
+    prepared, _ = with_weights(prepared, method.weight_passes(opts))
     groups = prepared.analysis.groups
-    for gid, entry in raw.items():
-        group = groups[int(gid)] if int(gid) < len(groups) else None
+    for gid, entry in raw["groups"].items():
+        group = groups[int(gid)] if 0 <= int(gid) < len(groups) else None
         if group is None or group.name != entry.get("name") or group.size != entry.get("size"):
             raise PruneError(f"plan group {gid} ({entry.get('name')}) does not match this model")
-        keep = plan.groups[int(gid)].keep
+        gplan = plan.groups[int(gid)]
+        keep = gplan.keep
         if keep.max() >= group.size or not set(np.nonzero(group.frozen)[0]) <= set(keep.tolist()):
             raise PruneError(f"plan group {gid} ({group.name}) removes frozen or unknown channels")
-    return _apply(prepared, plan, {"plan": "from file"})
+        for name in ("fold", "merge", "shift"):
+            matrix = getattr(gplan, name, None)
+            if matrix is None:
+                continue
+            if matrix.shape[0] != group.size or not np.isfinite(matrix).all():
+                raise PruneError(f"plan group {gid} ({group.name}): '{name}' must have {group.size} finite rows")
+    recipe = Recipe(method.name, opts, plan, prepared, _safe_cost(prepared.model), {"plan": "from file"})
+    return finish_recipe(recipe)
 
 
-def _apply(prepared: Prepared, plan: Plan, options_shown: dict, before: Cost | None = None
-           ) -> tuple[onnx.ModelProto, PruneReport]:
-    before = before or _safe_cost(prepared.model)
+def finish_recipe(recipe: Recipe) -> tuple[onnx.ModelProto, PruneReport]:
+    """Rewrite, the method's finishing passes, and the report."""
+    from onnx_prune.methods import method_named
+
+    prepared, plan, before = recipe.prepared, recipe.plan, recipe.cost
     pruned = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    details = dict(recipe.details)
+    for finish in method_named(recipe.method).finish_passes(recipe.opts):
+        result = finish(pruned)
+        pruned = result.model
+        details[type(finish).__name__] = getattr(result, "details", {})
     after = _safe_cost(pruned)
     summary = summarize(prepared, plan, before)
+    constraints = constraints_of(recipe.opts)
+    details["target"] = _target_record(constraints.target, before, after, summary)
     report = PruneReport(
-        prepared.source, options_shown,
+        prepared.source, dict(recipe.opts.__dict__, target=constraints.target.describe()),
         before.macs if before else 0, after.macs if after else 0,
         before.params if before else 0, after.params if after else 0,
-        sum(g.size for g in summary.groups), sum(g.kept for g in summary.groups), summary.groups)
+        sum(g.size for g in summary.groups), sum(g.kept for g in summary.groups), summary.groups, details)
     return pruned, report
+
+
+def _target_record(target: Target, before: Cost | None, after: Cost | None, summary) -> dict:
+    """Requested against achieved, in the target's own unit."""
+    record = {"requested": target.describe(), "kind": target.kind, "value": target.value}
+    if before and after and before.macs:
+        record["macs_kept"] = after.macs / before.macs
+    if before and after and before.params:
+        record["params_kept"] = after.params / before.params
+    channels = sum(g.size for g in summary.groups)
+    record["channels_removed"] = 1 - sum(g.kept for g in summary.groups) / channels if channels else 0.0
+    achieved = {"macs": record.get("macs_kept"), "params": record.get("params_kept"),
+                "ratio": record["channels_removed"]}.get(target.kind)
+    if achieved is not None:
+        record["achieved"] = achieved
+    return record
 
 
 def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
@@ -339,75 +459,28 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
 
     Options are a `PruneOptions` or its fields as keywords, e.g. ``prune(path, ratio=0.3)`` or
     ``prune(path, target_macs=0.5, criterion="fpgm", aggregate="domino-io", allocation="global")``.
-    Returns the new model (the input is not changed) and a report.  Raises PruneError for bad input.
+    Every method goes the same way: its passes, its Plan (`onnx_prune.methods`), the one rewrite, then repair
+    when asked.  Returns the new model (the input is not changed) and a report.  Raises PruneError for bad
+    input.
     """
-    from onnx_prune.passes.centripetal import centripetal_plan, prepare_folded  # they build on this module
-    from onnx_prune.passes.repair import repair
-
     opts = _options(options, kwargs)
-    if opts.method in ("red", "hash"):
-        return _red(model, opts)
-    prepared = _prunable(prepare(model))
-    details: dict = {}
-    if opts.method == "centripetal":  # merging averages filters: fold BatchNorm into them first
-        prepared = _prunable(prepare_folded(prepared))
-    before = _safe_cost(prepared.model)  # counted once: the allocation and the report both use it
-    if opts.method == "centripetal":
-        plan, clusters = centripetal_plan(prepared, opts.target(), medoid=opts.medoid, allocation=opts.allocation,
-                                          round_to=opts.round_to, max_ratio=opts.max_ratio,
-                                          exclude=tuple(_exclusions(prepared, opts)), seed=opts.seed)
-        details["clusters"] = [c.to_dict() for c in clusters]
-    elif opts.criterion == "blend":
-        plan, details["blend"] = _blend(prepared, opts)
-    else:
-        plan = build_plan(prepared, opts, before)
-    pruned, report = _apply(prepared, plan, dict(opts.__dict__, target=opts.target().describe()), before)
+    recipe = build_recipe(model, opts)
+    pruned, report = finish_recipe(recipe)
     if opts.repair:
+        from onnx_prune.passes.repair import repair
+
+        prepared = recipe.prepared
         try:
-            repaired, repair_report = repair(prepared.model, pruned, _calibration_inputs(prepared, opts),
-                                             prepared.analysis, plan, ridge=opts.ridge, seed=opts.seed)
+            repaired, repair_report = repair(prepared.model, pruned, calibration_inputs(prepared, opts),
+                                             prepared.analysis, recipe.plan, ridge=opts.ridge, seed=opts.seed)
         except ValueError as err:  # e.g. too few calibration samples to fit and hold out
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired
-        details["repair"] = repair_report.to_dict()
-    report.details.update(details)
+        report.details["repair"] = repair_report.to_dict()
     return pruned, report
 
 
-def _red(model: "ModelLike | Prepared", opts: PruneOptions) -> tuple[onnx.ModelProto, PruneReport]:
-    """RED (METHODS.md §2): hash, merge identical channels, prune the rest to a MAC target, separate."""
-    from onnx_prune.red import METHOD_PRESETS, red
-
-    prepared = prepare(model)
-    target = opts.target_macs
-    if target is None and opts.ratio is not None:
-        raise PruneError("--method red aims at --target-macs, not --ratio (without a target it merges only)")
-    reduced, details = red(prepared, **METHOD_PRESETS[opts.method], bandwidth=opts.bandwidth,
-                           hash_weights=opts.hash_weights, per_neuron=opts.per_neuron, merge_tol=opts.merge_tol,
-                           target_macs=target, criterion=opts.criterion if opts.criterion in CRITERION_NAMES
-                           else "l2", aggregate=opts.aggregate, allocation=opts.allocation, seed=opts.seed)
-    report = PruneReport(prepared.source, dict(opts.__dict__), details["macs_before"], details["macs_after"],
-                         details["params_before"], details["params_after"], details["channels_before"],
-                         details["channels_after"], [], {"red": details})
-    return reduced, report
-
-
-def _blend(prepared: Prepared, opts: PruneOptions) -> tuple[Plan, dict]:
-    """Blended criteria (METHODS.md §3): cluster the criteria, search their weights by differential evolution."""
-    from onnx_prune.blend_search import blend_plan
-
-    skip = excluded_groups(prepared.analysis, _exclusions(prepared, opts))
-    group_ids = [g.id for g in prepared.analysis.prunable_groups if g.id not in skip]
-    return blend_plan(prepared, opts, group_ids, threshold=opts.blend_threshold, generations=opts.generations,
-                      population=opts.population, workers=opts.workers, time_budget=opts.time_budget,
-                      metric=opts.blend_metric, blend_weights=opts.blend_weights)
-
-
-def _exclusions(prepared: Prepared, opts: PruneOptions) -> list[str]:
-    return list(opts.exclude) + (input_stem_nodes(prepared.model) if opts.protect_first else [])
-
-
-def _calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
+def calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
     from onnx_prune.runtime.fidelity import load_npz_inputs
 
     try:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 import onnx
 
 from onnx_prune.analysis.channels import ChannelAnalysis
 from onnx_prune.errors import PruneError
+from onnx_prune.passes.constraints import Target, excluded_groups  # noqa: F401 (re-exported)
 from onnx_prune.passes.plan import GroupPlan, Plan
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -38,18 +38,6 @@ def select_top(scores: np.ndarray, frozen: np.ndarray, n_keep: int) -> np.ndarra
     order = free[np.lexsort((free, -scores[free]))]
     keep = np.concatenate([np.nonzero(frozen)[0], order[:n_keep - int(frozen.sum())]])
     return np.sort(keep)
-
-
-def excluded_groups(analysis: ChannelAnalysis, patterns: list[str]) -> set[int]:
-    """Groups whose channels a node matching one of `patterns` writes (shell-style wildcards).
-
-    Only producers and carriers count: excluding a layer keeps its output channels, not its input."""
-    known = set(analysis.node_ops)
-    for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in known):
-            raise PruneError(f"--exclude {pattern}: no node of the model has that name")
-    return {g.id for g in analysis.groups
-            if any(fnmatchcase(m.node, p) for m in g.members if m.role != "consumer" for p in patterns)}
 
 
 def kept_ids(analysis: ChannelAnalysis, plan: Plan) -> np.ndarray:
@@ -101,20 +89,6 @@ class CostModel:
 
 
 @dataclass
-class Target:
-    ratio: float | None = None          # share of channels to remove
-    macs: float | None = None           # fraction of MACs to keep
-    params: float | None = None         # fraction of parameters to keep
-
-    def describe(self) -> str:
-        if self.macs is not None:
-            return f"keep {self.macs:.0%} of MACs"
-        if self.params is not None:
-            return f"keep {self.params:.0%} of parameters"
-        return f"remove {self.ratio:.0%} of channels"
-
-
-@dataclass
 class Allocator:
     """Turns per-group scores into a Plan for a target; `counts -> Plan` is pluggable (`select`)."""
     analysis: ChannelAnalysis
@@ -122,19 +96,28 @@ class Allocator:
     cost: CostModel | None = None
     round_to: int = 1
     max_ratio: float = 1.0               # at most this share of a group goes
+    cap: dict[int, int] | None = None    # group -> most channels it may keep (e.g. what merging left)
 
     def _floor(self, group) -> int:
         """Fewest channels a group may keep."""
         cap = group.size - math.floor(self.max_ratio * group.size + 1e-9)
         return max(cap, int(group.frozen.sum()), 1)
 
-    def plan_for_counts(self, counts: dict[int, int], select=None) -> Plan:
-        plan = Plan()
+    def settle(self, counts: dict[int, int]) -> dict[int, int]:
+        """The counts a Plan will really keep: at least the floor (max-ratio, frozen, one), rounded up."""
+        out = {}
         for gid, n_keep in counts.items():
             group = self.analysis.groups[gid]
-            n_keep = round_kept(group.size, max(n_keep, self._floor(group)), self.round_to, int(group.frozen.sum()))
-            if n_keep < group.size:
-                plan.groups[gid] = (select or self._select_top)(group, n_keep)
+            if self.cap and gid in self.cap:
+                n_keep = min(n_keep, self.cap[gid])
+            out[gid] = round_kept(group.size, max(n_keep, self._floor(group)), self.round_to, int(group.frozen.sum()))
+        return out
+
+    def plan_for_counts(self, counts: dict[int, int], select=None) -> Plan:
+        plan = Plan()
+        for gid, n_keep in self.settle(counts).items():
+            if n_keep < self.analysis.groups[gid].size:
+                plan.groups[gid] = (select or self._select_top)(self.analysis.groups[gid], n_keep)
         return plan
 
     def _select_top(self, group, n_keep: int) -> GroupPlan:
@@ -165,41 +148,94 @@ class Allocator:
         return {gid: self.analysis.groups[gid].size - int(removed[gid]) for gid in self.scores}
 
     # --- targets
-    def _fraction(self, plan: Plan, target: Target) -> float:
-        macs, params = self.cost.evaluate(kept_ids(self.analysis, plan))
+    def fraction(self, counts: dict[int, int], target: Target) -> float:
+        """Share of the original MACs or parameters kept with these counts (scores pick the channels; the
+        cost only depends on how many of each group stay)."""
+        macs, params = self.cost.evaluate(kept_ids(self.analysis, self.plan_for_counts(counts)))
         return macs / self.cost.macs if target.macs is not None else params / self.cost.params
 
     def allocate(self, target: Target, allocation: str = "uniform", select=None) -> Plan:
+        """The Plan for `target`: counts per group first (cheap), then `select` (default: the top scores) picks
+        and folds the channels of each shrinking group once."""
+        return self.plan_for_counts(self.counts_for(target, allocation), select)
+
+    def counts_for(self, target: Target, allocation: str = "uniform") -> dict[int, int]:
         if allocation not in ("uniform", "global"):
             raise PruneError(f"unknown allocation '{allocation}' (uniform or global)")
+        if target.kind is None:
+            return {gid: self.analysis.groups[gid].size for gid in self.scores}
         order = self.global_order() if allocation == "global" else None
         if target.ratio is not None:
             if allocation == "uniform":
-                return self.plan_for_counts(self.uniform_counts(target.ratio), select)
+                return self.settle(self.uniform_counts(target.ratio))
             total = sum(self.analysis.groups[g].size for g in self.scores)
-            return self.plan_for_counts(self.global_counts(order, math.floor(target.ratio * total + 1e-9)), select)
+            return self.settle(self.global_counts(order, math.floor(target.ratio * total + 1e-9)))
         if self.cost is None or (target.macs is not None and not self.cost.macs):
             raise PruneError("cannot aim at a MAC or parameter target: the model's MACs could not be counted "
                              "(give --shape for dynamic inputs)")
-        goal = target.macs if target.macs is not None else target.params
+        goal = target.value
 
-        def plan_at(x):  # x in [0, 1]: how far along the removal schedule
+        def counts_at(x):  # x in [0, 1]: how far along the removal schedule
             if allocation == "uniform":
-                return self.plan_for_counts(self.uniform_counts(x * 0.999), select)
-            return self.plan_for_counts(self.global_counts(order, int(round(x * len(order)))), select)
+                return self.settle(self.uniform_counts(x * 0.999))
+            return self.settle(self.global_counts(order, int(round(x * len(order)))))
 
         lo, hi = 0.0, 1.0
-        best = (abs(1.0 - goal), plan_at(0.0))
+        best = (abs(1.0 - goal), counts_at(0.0))
         for _ in range(40):  # bisection on a monotone (step) function
             mid = (lo + hi) / 2
-            plan = plan_at(mid)
-            fraction = self._fraction(plan, target)
+            counts = counts_at(mid)
+            fraction = self.fraction(counts, target)
             if abs(fraction - goal) < best[0]:
-                best = (abs(fraction - goal), plan)
+                best = (abs(fraction - goal), counts)
             if fraction > goal:
                 lo = mid
             else:
                 hi = mid
             if abs(fraction - goal) <= goal * TARGET_TOLERANCE / 4:
                 break
-        return best[1]
+        if best[0] <= goal * TARGET_TOLERANCE:
+            return best[1]
+        return self.refine(best[1], target)
+
+    def refine(self, counts: dict[int, int], target: Target) -> dict[int, int]:
+        """Step single groups by one rounding unit towards the target until it is crossed, then keep the closer
+        side: what the shared schedule cannot reach when rounding (or a coarse global order) makes big steps.
+        Down, the group whose next channels score lowest goes first; up, the one whose return scores highest."""
+        goal = target.value
+        ranked = {gid: self._normalised_ranking(gid) for gid in counts}
+        fraction = self.fraction(counts, target)
+        for _ in range(sum(counts.values()) + 1):
+            if abs(fraction - goal) <= goal * TARGET_TOLERANCE:
+                break
+            down = fraction > goal
+            moves = []
+            for gid, n in sorted(counts.items()):
+                new = self.settle({gid: n - self.round_to if down else n + self.round_to})[gid]
+                if new == n or (not down and new > n + self.round_to):
+                    continue
+                lo, hi = min(n, new), max(n, new)
+                value = float(ranked[gid][lo:hi].mean()) if hi > lo else 0.0
+                moves.append((value if down else -value, gid, new))
+            if not moves:
+                break
+            _, gid, new = min(moves)
+            stepped = {**counts, gid: new}
+            after = self.fraction(stepped, target)
+            if (after > goal) != down:  # crossed: keep whichever side is closer
+                if abs(after - goal) < abs(fraction - goal):
+                    counts, fraction = stepped, after
+                break
+            counts, fraction = stepped, after
+        return counts
+
+    def _normalised_ranking(self, gid: int) -> np.ndarray:
+        """Group-normalised scores, frozen channels first (kept always), then the others best first: the
+        channels a group of n keeps are the first n."""
+        group = self.analysis.groups[gid]
+        score = self.scores[gid]
+        free = np.nonzero(~group.frozen)[0]
+        mean = float(np.abs(score[free]).mean()) if len(free) else 1.0
+        normalised = score / (mean if mean > 0 else 1.0)
+        best_first = free[np.lexsort((free, -normalised[free]))]
+        return np.concatenate([np.full(int(group.frozen.sum()), np.inf), normalised[best_first]])

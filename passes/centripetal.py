@@ -8,7 +8,7 @@ its consumers' input slices are summed over the cluster through the Plan's `fold
 members are identical; otherwise an approximation whose size `ClusterStats.spread` reports.  Frozen channels
 stay singletons, untouched.
 
-Fold BatchNorm into the convs first (`prepare_folded`): a merge averages the rows of the linear layer, which is
+Fold BatchNorm into the convs first (`onnx_prune.pipeline.prepare_folded`): a merge averages the rows of the linear layer, which is
 exact only when nothing per-channel but carriers sits between it and the consumers.
 """
 from __future__ import annotations
@@ -21,18 +21,9 @@ from scipy.cluster.vq import kmeans2
 
 from onnx_prune.analysis.channels import ChannelAnalysis, Group
 from onnx_prune.analysis.criteria import Scoring, channel_scores, filter_sets
-from onnx_prune.passes.allocate import Allocator, CostModel, Target, excluded_groups
-from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
 from onnx_prune.passes.plan import GroupPlan, Plan
-from onnx_prune.pipeline import ModelLike, Prepared, prepare
-from onnx_prune.runtime.cost import count_cost
 
 KMEANS_ITERATIONS = 10  # scipy's default; on the zoo the spread no longer changes after it
-
-
-def prepare_folded(model: "ModelLike | Prepared") -> Prepared:
-    """`prepare`, with every Conv->BatchNormalization folded first (the same function, to float rounding)."""
-    return prepare(FoldBatchNormPass()(prepare(model).model).model)
 
 
 def channel_features(group: Group, scoring: Scoring) -> np.ndarray:
@@ -182,34 +173,3 @@ class CentripetalSelect:
         centre = rows.mean(axis=0)
         pick = int(np.argmin(np.linalg.norm(rows - centre, axis=1)))  # where the merged channel sits
         return int(cluster[pick]), cluster, np.full(len(cluster), 1.0 / len(cluster)), centre
-
-
-def reselect(plan: Plan, analysis: ChannelAnalysis, select) -> Plan:
-    """The same kept counts as `plan`, with the channels chosen (and folded) by `select` instead.
-
-    `Allocator.allocate(target, allocation, select)` gives the same Plan (the counts never depend on which
-    channels are chosen), but calls `select` at every bisection step; this clusters each group once."""
-    return Plan({gid: select(analysis.groups[gid], len(p.keep)) for gid, p in sorted(plan.groups.items())})
-
-
-def centripetal_plan(prepared: Prepared, target: Target, medoid: bool = False, allocation: str = "uniform",
-                     round_to: int = 1, max_ratio: float = 1.0, exclude: tuple[str, ...] = (), seed: int = 0,
-                     iterations: int = KMEANS_ITERATIONS) -> tuple[Plan, list[ClusterStats]]:
-    """The whole cluster-and-merge Plan of a prepared (BatchNorm-folded: `prepare_folded`) model for `target`.
-
-    Kept counts come from the allocator (`allocation` ranks channels by l2/domino-o where it is ``global``;
-    ``uniform`` does not look at scores); then every shrinking group is clustered once.  Returns the Plan (for
-    `ApplyPlanPass(prepared.analysis, plan)`) and one ClusterStats per merged group."""
-    analysis = prepared.analysis
-    skip = excluded_groups(analysis, list(exclude))
-    scoring = Scoring.of(prepared.model, prepared.weights(), seed)
-    scores = {g.id: channel_scores(g, scoring, "l2", "domino-o") for g in analysis.prunable_groups
-              if g.id not in skip}
-    cost = None
-    if target.ratio is None:
-        per_node = count_cost(prepared.model).per_node
-        cost = CostModel.of(prepared.model, analysis, {name: c.macs for name, c in per_node.items()})
-    counts = Allocator(analysis, scores, cost, round_to, max_ratio).allocate(target, allocation)
-    select = CentripetalSelect(scoring, medoid, iterations)
-    plan = reselect(counts, analysis, select)
-    return plan, [select.stats[gid] for gid in sorted(plan.groups)]

@@ -18,7 +18,7 @@ unknown op) freezes them.  Along a group, then, every op is elementwise per chan
 Add/Mul with tensors of the same group, per-channel constants), so two channels with identical producers and
 carriers carry identical values at every consumer, whatever the activation, and W·x = (W_c + W_d)·x_c.
 
-BatchNorm: fold it first (`FoldBatchNormPass`, which `MergeRedundantPass` runs).  Two filters that differ only
+BatchNorm: fold it first (`FoldBatchNormPass`, which the RED method runs before its analysis).  Two filters that differ only
 by their BN statistics are different channels; after folding the filters are the whole story, and hashing
 (`HashWeightsPass`) then sees the weights the runtime uses.  A BN that could not be folded stays a carrier
 and must match too.
@@ -35,14 +35,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from onnx_prune.analysis.channels import ChannelAnalysis, Group
 from onnx_prune.analysis.criteria import Weights
-from onnx_prune.passes.base import PassResult
-from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
 from onnx_prune.passes.plan import GroupPlan, Plan
-from onnx_prune.passes.rewrite import ApplyPlanPass
 
 
 def placement_counts(analysis: ChannelAnalysis) -> dict[int, np.ndarray]:
@@ -202,9 +198,12 @@ class MergeSearch:
     groups: list[tuple[Group, list[Candidates]]]
 
     @classmethod
-    def of(cls, analysis: ChannelAnalysis, weights: Weights, near: bool) -> "MergeSearch":
+    def of(cls, analysis: ChannelAnalysis, weights: Weights, near: bool,
+           groups: set[int] | None = None) -> "MergeSearch":
+        """Candidates of every prunable group (or of those in `groups`: excluded ones never merge)."""
         counts = placement_counts(analysis)
-        return cls([(g, merge_candidates(g, weights, counts[g.id], near)) for g in analysis.prunable_groups])
+        return cls([(g, merge_candidates(g, weights, counts[g.id], near)) for g in analysis.prunable_groups
+                    if groups is None or g.id in groups])
 
     def plan(self, tol: float) -> MergeSummary:
         summary = MergeSummary(Plan())
@@ -222,20 +221,3 @@ class MergeSearch:
 def merge_plan(analysis: ChannelAnalysis, weights: Weights, merge_tol: float = 0.0) -> MergeSummary:
     """The Plan merging every group's duplicate (``merge_tol`` 0) or near-duplicate channels."""
     return MergeSearch.of(analysis, weights, near=merge_tol > 0).plan(merge_tol)
-
-
-@dataclass
-class MergeRedundantPass:
-    """Fold BatchNorms, then merge duplicate (or, with ``merge_tol``, near-duplicate) channels."""
-    merge_tol: float = 0.0
-
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        merged, summary = self.merge(model)
-        return PassResult(merged, summary.total > 0)
-
-    def merge(self, model) -> tuple[onnx.ModelProto, MergeSummary]:
-        from onnx_prune.pipeline import prepare  # the pipeline imports passes; not the other way at load time
-
-        folded = prepare(FoldBatchNormPass()(prepare(model).model).model)
-        summary = merge_plan(folded.analysis, folded.weights(), self.merge_tol)
-        return ApplyPlanPass(folded.analysis, summary.plan)(folded.model).model, summary

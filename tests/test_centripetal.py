@@ -7,8 +7,8 @@ import pytest
 
 from onnx_prune.analysis.criteria import Scoring
 from onnx_prune.passes.allocate import Allocator, CostModel, Target
-from onnx_prune.passes.centripetal import (CentripetalSelect, _split_until, centripetal_plan, channel_features,
-                                           cluster_rows, prepare_folded)
+from onnx_prune.passes.centripetal import CentripetalSelect, _split_until, channel_features, cluster_rows
+from onnx_prune.pipeline import PruneOptions, method_plan, prepare_folded
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.pipeline import prepare
@@ -153,13 +153,15 @@ def test_the_allocator_drives_centripetal_to_a_mac_target():
     scores = {g.id: np.ones(g.size) for g in analysis.prunable_groups}
     select = CentripetalSelect(Scoring.of(prepared.model, prepared.weights()))
     plan = Allocator(analysis, scores, cost).allocate(Target(macs=0.6), select=select)
-    direct, stats = centripetal_plan(prepared, Target(macs=0.6))
+    direct, details = method_plan(prepared, PruneOptions(method="centripetal", target_macs=0.6),
+                                  count_cost(prepared.model))
+    stats = details["clusters"]
     assert {g: p.keep.tolist() for g, p in plan.groups.items()} == \
         {g: p.keep.tolist() for g, p in direct.groups.items()}
     merged = ApplyPlanPass(analysis, direct)(prepared.model).model
     onnx.checker.check_model(merged, full_check=True)
     assert abs(count_cost(merged).macs / count_cost(prepared.model).macs - 0.6) < 0.05
-    assert [s.group for s in stats] == sorted(direct.groups)
+    assert [s["group"] for s in stats] == sorted(direct.groups)
     for s in stats:  # random weights: real clusters, with a spread to show
-        assert sum(s.cluster_sizes) == s.size and len(s.cluster_sizes) == s.kept < s.size
-        assert 0 < s.spread < 1.5
+        assert sum(s["cluster_sizes"]) == s["size"] and len(s["cluster_sizes"]) == s["kept"] < s["size"]
+        assert 0 < s["spread"] < 1.5

@@ -125,8 +125,8 @@ def test_plan_then_apply_equals_prune(tmp_path, capsys):
     assert direct.read_bytes() == applied.read_bytes()
     # an edited plan that removes a channel of the wrong model or a frozen one is refused
     data = json.loads(plan.read_text())
-    first = next(iter(data))
-    data[first]["size"] += 1
+    first = next(iter(data["groups"]))
+    data["groups"][first]["size"] += 1
     plan.write_text(json.dumps(data))
     code, _, err = _run(capsys, "apply", fixture_path("concat"), plan, tmp_path / "x.onnx")
     assert code == 1 and "does not match this model" in err and not (tmp_path / "x.onnx").exists()
@@ -148,13 +148,13 @@ def test_centripetal_with_repair_from_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, key", [(["--method", "red", "--target-macs", "0.7"], "merge"),
-                                       (["--method", "hash"], "hash")])
+                                       (["--method", "hash"], "HashWeightsPass")])
 def test_red_and_hash_from_the_command_line(tmp_path, capsys, args, key):
     report = tmp_path / "r.json"
     code, _, err = _run(capsys, fixture_path("se"), tmp_path / "o.onnx", *args, "--report", report)
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert data["details"]["red"][key] is not None
+    assert data["details"][key]
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
     if "--target-macs" in args:
         assert data["macs_after"] <= 0.71 * data["macs_before"]

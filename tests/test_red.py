@@ -12,7 +12,7 @@ from invariants import duplicate_model, feeds_for, relative_error, run
 from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
 from onnx_prune.passes.hashing import (DEFAULT_BANDWIDTH, HashWeightsPass, density_grid, hash_values, kde_density,
                                        kernel_sigma)
-from onnx_prune.passes.red import MergeRedundantPass, MergeSearch, cluster_plan, keepers, merge_candidates, placement_counts
+from onnx_prune.passes.merge import MergeSearch, cluster_plan, keepers, merge_candidates, placement_counts
 from onnx_prune.passes.uneven_depthwise import SeparateDepthwisePass, distinct_kernels
 from onnx_prune.pipeline import prepare
 from onnx_prune.red import METHOD_PRESETS, red
@@ -52,21 +52,24 @@ def test_hashed_values_are_modes_of_their_bins():
 
 def test_hashing_keeps_fidelity_at_the_default_bandwidth():
     model = FoldBatchNormPass()(prepare(fixture_path("residual_add")).model).model
-    hashed, layers = HashWeightsPass().hash(model)
-    assert sum(layer.after for layer in layers) * 3 < sum(layer.before for layer in layers)
+    result = HashWeightsPass()(model)
+    hashed, details = result.model, result.details
+    assert details["distinct_after"] * 3 < details["distinct_before"]
     feeds = feeds_for(model)
     assert relative_error(run(model, feeds), run(hashed, feeds)) < 0.1
-    coarse, _ = HashWeightsPass(bandwidth=10 * DEFAULT_BANDWIDTH).hash(model)
+    coarse = HashWeightsPass(bandwidth=10 * DEFAULT_BANDWIDTH)(model).model
     assert relative_error(run(model, feeds), run(coarse, feeds)) > relative_error(run(model, feeds), run(hashed, feeds))
 
 
 def test_per_neuron_hashing_works_row_by_row():
     model = prepare(fixture_path("flatten_gemm")).model
-    _, per_layer = HashWeightsPass(0.05).hash(model)
-    hashed, per_neuron = HashWeightsPass(0.05, per_neuron=True).hash(model)
-    assert sum(l.after for l in per_neuron) > sum(l.after for l in per_layer)  # more bins: one KDE per row
-    conv = numpy_helper.to_array(next(t for t in hashed.graph.initializer if t.name == per_neuron[0].param))
-    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == per_neuron[0].param))
+    per_layer = HashWeightsPass(0.05)(model).details
+    result = HashWeightsPass(0.05, per_neuron=True)(model)
+    hashed, per_neuron = result.model, result.details
+    assert per_neuron["distinct_after"] > per_layer["distinct_after"]  # more bins: one KDE per row
+    param = per_neuron["layers"][0]["param"]
+    conv = numpy_helper.to_array(next(t for t in hashed.graph.initializer if t.name == param))
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == param))
     np.testing.assert_array_equal(conv[1], hash_values(original[1], 0.05))
 
 
@@ -86,13 +89,13 @@ def duplicated(name: str, every: int, seed: int = 0):
 def test_duplicate_channels_merge_exactly(name, every):
     original, model, n_duplicates = duplicated(name, every)
     merged, report = red(model, merge_tol=0.0, **NO_HASH)
-    assert report["merge"]["merged"] == n_duplicates
-    assert report["macs_after"] < report["macs_before"]
+    assert report.details["merge"]["merged"] == n_duplicates
+    assert report.macs_after < report.macs_before
     feeds = feeds_for(model, batch=1)
     assert relative_error(run(model, feeds), run(merged, feeds)) < EXACT
     if name == "mobilenet_v2":
         _, untouched = red(original, merge_tol=0.0, **NO_HASH)  # random weights hold no duplicates
-        assert untouched["merge"]["merged"] == 0
+        assert untouched.details["merge"]["merged"] == 0
 
 
 def test_merge_tolerance_merges_near_duplicates_too():
@@ -112,11 +115,11 @@ def test_merge_tolerance_merges_near_duplicates_too():
     both = duplicate_model(dataclasses.replace(prepared, model=near.model), group, 0, 1)
     _, exact = red(both, merge_tol=0.0, **NO_HASH)
     merged, loose = red(both, merge_tol=0.01, **NO_HASH)
-    assert exact["merge"]["merged"] == 1 and loose["merge"]["merged"] == 2
+    assert exact.details["merge"]["merged"] == 1 and loose.details["merge"]["merged"] == 2
     feeds = feeds_for(both)
     assert relative_error(run(both, feeds), run(merged, feeds)) < 0.01
-    result = MergeRedundantPass(merge_tol=0.0)(model)  # the pass alone: BN folded, the exact duplicate merged
-    assert result.modified and relative_error(run(model, feeds), run(result.model, feeds)) < EXACT
+    merged, report = red(model, merge_tol=0.0, **NO_HASH)  # BN folded, the exact duplicate merged
+    assert report.details["merge"]["merged"] == 1 and relative_error(run(model, feeds), run(merged, feeds)) < EXACT
 
 
 def test_frozen_channels_keep_themselves():
@@ -174,10 +177,11 @@ def test_distinct_kernels_counts_repeats_per_input_channel():
 
 def test_uneven_depthwise_separation_is_exact_and_cheaper():
     model = repeating_conv_model()
-    separated, decisions = SeparateDepthwisePass(check_latency=False).separate(model)
-    decision = next(d for d in decisions if d.node == "repeating")
-    assert decision.applied and decision.macs_after < decision.macs_before
-    assert not next(d for d in decisions if d.node == "stem").applied  # random kernels: separating costs more MACs
+    result = SeparateDepthwisePass()(model)
+    separated, decisions = result.model, result.details["decisions"]
+    decision = next(d for d in decisions if d["node"] == "repeating")
+    assert decision["applied"] and decision["macs_after"] < decision["macs_before"]
+    assert not next(d for d in decisions if d["node"] == "stem")["applied"]  # random kernels: separating costs more MACs
     assert [n.op_type for n in separated.graph.node] == ["Conv", "Relu", "Gather", "Conv", "Conv"]
     onnx.checker.check_model(separated, full_check=True)
     feeds = feeds_for(model)
@@ -187,11 +191,11 @@ def test_uneven_depthwise_separation_is_exact_and_cheaper():
 
 def test_separation_keeps_only_layers_measured_no_slower():
     model = repeating_conv_model(n_in=32, n_out=96, per_channel=2, hw=32)
-    out, decisions = SeparateDepthwisePass(repeat=10).separate(model)
-    decision = next(d for d in decisions if d.node == "repeating")
-    assert decision.latency_before_ms > 0 and decision.latency_after_ms > 0
-    assert decision.applied == (decision.latency_after_ms <= decision.latency_before_ms)
-    assert ("Gather" in [n.op_type for n in out.graph.node]) == decision.applied
+    result = SeparateDepthwisePass(measure_latency=True, repeat=10)(model)
+    out, decision = result.model, next(d for d in result.details["decisions"] if d["node"] == "repeating")
+    assert decision["latency_before_ms"] > 0 and decision["latency_after_ms"] > 0
+    assert decision["applied"] == (decision["latency_after_ms"] <= decision["latency_before_ms"])
+    assert ("Gather" in [n.op_type for n in out.graph.node]) == decision["applied"]
 
 
 def test_red_prunes_to_a_mac_target_after_merging():
@@ -199,31 +203,33 @@ def test_red_prunes_to_a_mac_target_after_merging():
     group = max(prepared.analysis.prunable_groups, key=lambda g: g.size)
     model = duplicate_model(prepared, group, 0, 1)
     pruned, report = red(model, target_macs=0.6, merge_to_target=False, **NO_HASH)
-    assert report["merge"]["merged"] == 1 and report["merge"]["tol"] == 0
-    assert report["prune"]["removed"] > 0
-    assert abs(report["macs_after"] / report["macs_before"] - 0.6) < 0.02
+    assert report.details["merge"]["merged"] == 1 and report.details["merge"]["tol"] == 0
+    assert report.details["pruned"] > 0
+    assert abs(report.macs_after / report.macs_before - 0.6) < 0.01
     onnx.checker.check_model(pruned)
 
 
 def test_red_raises_the_merge_tolerance_to_reach_a_target():
     model = fixture_path("residual_add")
     _, none = red(model, target_macs=1.0, **NO_HASH)  # nothing to do: no merge, no prune
-    assert none["merge"]["tol"] == 0 and none["merge"]["merged"] == 0 and none["prune"]["removed"] == 0
+    assert none.details["merge"]["tol"] == 0 and none.details["merge"]["merged"] == 0
+    assert none.details["pruned"] == 0
     _, loose = red(model, merge_tol=1.0, **NO_HASH)
-    goal = loose["macs_after"] / loose["macs_before"] + 0.02  # what merging at tolerance 1 reaches, and a bit
+    goal = loose.macs_after / loose.macs_before + 0.02  # what merging at tolerance 1 reaches, and a bit
     pruned, report = red(model, target_macs=goal, **NO_HASH)
-    assert 0 < report["merge"]["tol"] <= 1.0 and report["prune"]["removed"] == 0
-    assert report["macs_after"] / report["macs_before"] <= goal
+    assert 0 < report.details["merge"]["tol"] <= 1.0 and report.details["pruned"] == 0
+    assert report.macs_after / report.macs_before <= goal
     _, capped = red(model, target_macs=goal, max_merge_tol=0.1, **NO_HASH)  # merging cannot: pruning does the rest
-    assert capped["merge"]["tol"] == 0.1 and capped["prune"]["removed"] > 0
+    assert capped.details["merge"]["tol"] == 0.1 and capped.details["pruned"] > 0
 
 
 def test_hash_method_reports_distinct_values_per_layer():
     model, report = red(fixture_path("se"), **METHOD_PRESETS["hash"])
-    layers = report["hash"]["layers"]
-    assert report["merge"] is None and report["separate"] is None
+    hashed = report.details["HashWeightsPass"]
+    layers = hashed["layers"]
+    assert "merge" not in report.details and "SeparateDepthwisePass" not in report.details
     assert layers and all(l["after"] <= l["before"] for l in layers)
-    assert report["hash"]["distinct_after"] < report["hash"]["distinct_before"]
-    assert report["macs_after"] == report["macs_before"]
+    assert hashed["distinct_after"] < hashed["distinct_before"]
+    assert report.macs_after == report.macs_before
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert all(len(np.unique(weights[l["param"]])) == l["after"] for l in layers)

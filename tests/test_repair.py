@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.passes.allocate import Target
-from onnx_prune.passes.centripetal import centripetal_plan, prepare_folded
+from onnx_prune.pipeline import method_plan, prepare_folded
 from onnx_prune.passes.repair import (Layer, NormalEquations, batch_feeds, intermediate_tensors, layer_rows, repair,
                                       ridge_fit, split_feeds)
 from onnx_prune.passes.rewrite import ApplyPlanPass
@@ -112,7 +112,7 @@ def test_repair_after_pruning_lowers_every_layer_error_and_the_output_error(name
 @pytest.mark.parametrize("name", ["residual_add", "depthwise"])
 def test_repair_after_centripetal_merging(name):
     prepared = prepare_folded(fixture_path(name))
-    plan, _ = centripetal_plan(prepared, Target(macs=0.5))
+    plan, _ = method_plan(prepared, PruneOptions(method="centripetal", target_macs=0.5), count_cost(prepared.model))
     reduced = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
     _, report = _check_repair(prepared, plan, reduced, calib, feeds_for(prepared.model, seed=2, batch=4, samples=4))

@@ -1,0 +1,312 @@
+"""The method registry: every way of reducing channels is a Plan builder with one signature.
+
+    method = METHODS[name]
+    plan, details = method.build(MethodInput(prepared, constraints, opts, cost))
+
+A method may ask for graph passes before the analysis (`prepare_passes`, e.g. BatchNorm folding for methods that
+average filters), weight-only passes after it (`weight_passes`, e.g. RED's hashing; the analysis stays valid
+because the graph does not change) and passes after the rewrite (`finish_passes`, e.g. uneven depthwise
+separation).  All of them are deterministic functions of the options, so a Plan file that records the method
+and its options is re-applied byte for byte by `apply`.  Every method honours every `Constraints` field, or
+lists it in `refuses` with the reason, which `prune` and `plan` print as a one-line error.
+
+Adding a method is adding a class here (or in its own module) and one entry in `METHODS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_prune.analysis.criteria import CRITERION_NAMES, Scoring, channel_scores
+from onnx_prune.errors import PruneError
+from onnx_prune.options import PruneOptions
+from onnx_prune.passes.allocate import Allocator, CostModel, kept_ids, select_top
+from onnx_prune.passes.constraints import Constraints, Target
+from onnx_prune.passes.plan import GroupPlan, Plan
+from onnx_prune.runtime.cost import Cost
+
+
+@dataclass
+class MethodInput:
+    """What a method reads: the prepared (normalised, analysed) model, the constraints, the options, and the
+    original model's cost (None where it could not be counted)."""
+    prepared: "object"                  # onnx_prune.pipeline.Prepared
+    constraints: Constraints
+    opts: PruneOptions
+    cost: Cost | None
+    _scoring: Scoring | None = field(default=None, repr=False)
+
+    @property
+    def scoring(self) -> Scoring:
+        if self._scoring is None:
+            self._scoring = Scoring.of(self.prepared.model, self.prepared.weights(), self.opts.seed,
+                                       self.opts.landmarks)
+        return self._scoring
+
+    @property
+    def group_ids(self) -> list[int]:
+        """The groups that may shrink: prunable and not excluded."""
+        skip = self.constraints.excluded_groups(self.prepared.model, self.prepared.analysis)
+        return [g.id for g in self.prepared.analysis.prunable_groups if g.id not in skip]
+
+    def cost_model(self) -> CostModel | None:
+        if self.cost is None:
+            return None
+        return CostModel.of(self.prepared.model, self.prepared.analysis,
+                            {n: c.macs for n, c in self.cost.per_node.items()})
+
+    def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None) -> Allocator:
+        return Allocator(self.prepared.analysis, scores, self.cost_model(), self.constraints.round_to,
+                         self.constraints.max_ratio, cap=cap)
+
+
+class Method:
+    """Base of every method.  Subclasses set `name`, `summary` and implement `build`."""
+    name = ""
+    summary = ""
+    refuses: dict[str, str] = {}        # Constraints field -> why this method cannot honour it
+    default_target = Target(ratio=0.3)  # when the user gives none
+    needs_calibration = False
+
+    def prepare_passes(self, opts: PruneOptions) -> list:
+        """Graph passes applied (in order) to the normalised model before the analysis."""
+        return []
+
+    def weight_passes(self, opts: PruneOptions) -> list:
+        """Passes that change weight values only, applied after the analysis (which stays valid)."""
+        return []
+
+    def finish_passes(self, opts: PruneOptions) -> list:
+        """Passes applied to the rewritten model."""
+        return []
+
+    def check(self, constraints: Constraints, opts: PruneOptions) -> None:
+        for name in constraints.given():
+            if name in self.refuses:
+                raise PruneError(f"--method {self.name} cannot honour {_flag(name, constraints)}: "
+                                 f"{self.refuses[name]}")
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        raise NotImplementedError(f"method {self.name} has no build")  # pragma: no cover - abstract
+
+
+def _flag(name: str, constraints: Constraints) -> str:
+    if name == "target":
+        return "--" + {"macs": "target-macs", "params": "target-params", "latency": "target-latency",
+                       "ratio": "ratio"}[constraints.target.kind]
+    return "--" + name.replace("_", "-")
+
+
+# --- criterion pruning (and the blended criterion)
+
+def criterion_scores(given: MethodInput) -> dict[int, np.ndarray]:
+    """Per shrinking group, the chosen criterion aggregated over the group (calibration criteria measured)."""
+    from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
+
+    opts, analysis = given.opts, given.prepared.analysis
+    if opts.criterion in CALIBRATION_CRITERIA:
+        from onnx_prune.pipeline import calibration_inputs
+
+        scores = calibration_scores(given.prepared.model, analysis, given.group_ids,
+                                    calibration_inputs(given.prepared, opts), opts.criterion)
+        for gid in given.group_ids:  # groups no consumer reads visibly fall back to l2
+            if gid not in scores:
+                scores[gid] = channel_scores(analysis.groups[gid], given.scoring, "l2", opts.aggregate)
+        return scores
+    return {gid: channel_scores(analysis.groups[gid], given.scoring, opts.criterion, opts.aggregate,
+                                opts.normalize) for gid in given.group_ids}
+
+
+class PruneMethod(Method):
+    name = "prune"
+    summary = "drop the lowest-scoring channels of each group (--criterion, --aggregate; blend searches a mix)"
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        if given.opts.criterion == "blend":
+            from onnx_prune.blend_search import blend_plan
+
+            o = given.opts
+            plan, report = blend_plan(given.prepared, given.opts, given.group_ids, threshold=o.blend_threshold,
+                                      generations=o.generations, population=o.population, workers=o.workers,
+                                      time_budget=o.time_budget, metric=o.blend_metric,
+                                      blend_weights=o.blend_weights, progress=not getattr(o, "quiet", False))
+            return plan, {"blend": report}
+        scores = criterion_scores(given)
+        return given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation), {}
+
+
+class SimilarityMethod(Method):
+    name = "similarity"
+    summary = "keep one of each most similar pair of filters (exact or Nystrom neighbours)"
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        from onnx_prune.passes.similarity import SimilaritySelect
+
+        scores = criterion_scores(given) if given.opts.criterion in CRITERION_NAMES else \
+            {g: channel_scores(given.prepared.analysis.groups[g], given.scoring, "l2") for g in given.group_ids}
+        select = SimilaritySelect(given.scoring, given.opts.merge_neighbours, nystrom=given.opts.criterion == "nystrom")
+        plan = given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation, select)
+        return plan, {}
+
+
+class CentripetalMethod(Method):
+    name = "centripetal"
+    summary = "k-means the BatchNorm-folded filters of each group; each cluster merges into one channel"
+
+    def prepare_passes(self, opts):
+        from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
+
+        return [FoldBatchNormPass()]  # a merge averages filter rows: exact only with BatchNorm folded in
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        from onnx_prune.passes.centripetal import CentripetalSelect
+
+        scores = {g: channel_scores(given.prepared.analysis.groups[g], given.scoring, "l2", "domino-o")
+                  for g in given.group_ids}
+        select = CentripetalSelect(given.scoring, given.opts.medoid)
+        plan = given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation, select)
+        return plan, {"clusters": [select.stats[gid].to_dict() for gid in sorted(plan.groups)]}
+
+
+class RedMethod(Method):
+    """RED (METHODS.md §2): BatchNorm folded, weights hashed, channels identical (or within --merge-tol) in
+    every producer merged, then the least salient pruned to the target, then uneven depthwise separation.
+
+    With a target, the merge tolerance is raised (up to `max_merge_tol`) until merging alone reaches it, and
+    pruning takes only what merging leaves; merging and pruning are one Plan (a merged channel that the
+    pruning drops takes its whole cluster with it).  Without a target RED merges only."""
+    name = "red"
+    summary = "hash weights (KDE), merge identical/near-identical channels, prune the rest, separate depthwise"
+    default_target = Target()
+
+    def prepare_passes(self, opts):
+        from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
+
+        return [FoldBatchNormPass()]
+
+    def weight_passes(self, opts):
+        from onnx_prune.passes.hashing import HashWeightsPass
+
+        return [HashWeightsPass(opts.bandwidth, opts.per_neuron)] if opts.hash_weights else []
+
+    def finish_passes(self, opts):
+        from onnx_prune.passes.uneven_depthwise import SeparateDepthwisePass
+
+        return [SeparateDepthwisePass()] if opts.separate_depthwise else []
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        from onnx_prune.passes.merge import MergeSearch
+
+        opts, constraints, analysis = given.opts, given.constraints, given.prepared.analysis
+        groups = set(given.group_ids)
+        criterion = opts.criterion if opts.criterion in CRITERION_NAMES else "l2"
+        scores = {g: channel_scores(analysis.groups[g], given.scoring, criterion, opts.aggregate) for g in groups}
+        target = constraints.target
+        search_tol = target.kind is not None and opts.merge_tol < opts.max_merge_tol
+        search = MergeSearch.of(analysis, given.prepared.weights(), near=opts.merge_tol > 0 or search_tol,
+                                groups=groups)
+        tol = opts.merge_tol
+        if search_tol:
+            tol = _merge_tolerance(search, given, scores, opts.merge_tol, opts.max_merge_tol)
+        merged = search.plan(tol)
+        cap = {g: len(p.keep) for g, p in merged.plan.groups.items()}
+        allocator = given.allocator(scores, cap)
+        counts = allocator.counts_for(target, constraints.allocation) if target.kind is not None else \
+            allocator.settle({g: cap.get(g, analysis.groups[g].size) for g in groups})
+        select = MergedSelect(merged.plan, scores)
+        plan = allocator.plan_for_counts(counts, select)
+        merged_away = {analysis.groups[g].name or str(g): n for g, n in select.merged_count.items() if n}
+        return plan, {"merge": {"tol": tol, "merged": sum(merged_away.values()), "groups": merged_away},
+                      "pruned": sum(select.pruned.values())}
+
+
+def _merge_tolerance(search, given: MethodInput, scores, lo: float, hi: float, steps: int = 12) -> float:
+    """The smallest tolerance in [lo, hi] whose merging alone reaches the target (hi where none does)."""
+    allocator = given.allocator(scores)
+    target = given.constraints.target
+
+    def reached(tol: float) -> bool:
+        plan = search.plan(tol).plan
+        counts = {g: len(plan.groups[g].keep) if g in plan.groups else allocator.analysis.groups[g].size
+                  for g in scores}
+        counts = allocator.settle(counts)
+        if target.kind == "ratio":
+            sizes = sum(allocator.analysis.groups[g].size for g in scores)
+            return 1 - sum(counts.values()) / max(sizes, 1) >= target.ratio
+        return allocator.fraction(counts, target) <= target.value
+
+    if reached(lo):
+        return lo
+    if not reached(hi):
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+    return hi
+
+
+@dataclass
+class MergedSelect:
+    """`select(group, n_keep)` on top of a merge Plan: a group keeps its merged channels; fewer means the
+    lowest-scoring merged channels go (whole clusters); more (rounding, --max-ratio) splits clusters, the
+    best-scoring members leaving first."""
+    merged: Plan
+    scores: dict[int, np.ndarray]
+    pruned: dict[int, int] = field(default_factory=dict)        # group -> channels pruned after merging
+    merged_count: dict[int, int] = field(default_factory=dict)  # group -> channels merged away
+
+    def __call__(self, group, n_keep: int) -> GroupPlan:
+        from onnx_prune.passes.merge import cluster_plan
+
+        gplan = self.merged.groups.get(group.id)
+        score = self.scores[group.id]
+        if gplan is None:
+            self.pruned[group.id] = group.size - n_keep
+            return GroupPlan(select_top(score, group.frozen, n_keep))
+        labels = gplan.keep[np.argmax(gplan.fold, axis=1)]  # each channel's keeper
+        if n_keep > len(gplan.keep):  # split: the best-scoring merged-away members become their own channel
+            away = np.flatnonzero(labels != np.arange(group.size))
+            leave = away[np.lexsort((away, -score[away]))][:n_keep - len(gplan.keep)]
+            labels[leave] = leave
+            gplan = cluster_plan(labels, group.frozen, average=gplan.merge is not None) or \
+                GroupPlan(np.arange(group.size))
+        self.merged_count[group.id] = group.size - len(gplan.keep)
+        if n_keep < len(gplan.keep):  # prune whole merged channels, frozen ones never
+            chosen = select_top(score[gplan.keep], group.frozen[gplan.keep], n_keep)
+            self.pruned[group.id] = len(gplan.keep) - n_keep
+            gplan = GroupPlan(gplan.keep[chosen], None if gplan.fold is None else gplan.fold[:, chosen],
+                              None if gplan.merge is None else gplan.merge[:, chosen])
+        return gplan
+
+
+class HashMethod(Method):
+    """RED's weight hashing alone: values change, no channel goes."""
+    name = "hash"
+    summary = "RED's KDE weight hashing alone (weights take fewer distinct values; no channel goes)"
+    default_target = Target()
+    refuses = {name: "it changes weight values only and removes no channel"
+               for name in ("target", "exclude", "protect_first", "round_to", "max_ratio", "allocation")}
+
+    def prepare_passes(self, opts):
+        from onnx_prune.passes.fold_batchnorm import FoldBatchNormPass
+
+        return [FoldBatchNormPass()]
+
+    def weight_passes(self, opts):
+        from onnx_prune.passes.hashing import HashWeightsPass
+
+        return [HashWeightsPass(opts.bandwidth, opts.per_neuron)]
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        return Plan(), {}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (PruneMethod(), SimilarityMethod(), CentripetalMethod(),
+                                                   RedMethod(), HashMethod())}
+
+
+def method_named(name: str) -> Method:
+    if name not in METHODS:
+        raise PruneError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    return METHODS[name]
