@@ -14,10 +14,15 @@ from .sessions import ModelLike, available_providers, load_graph_only, make_sess
 __all__ = [
     "LatencyResult",
     "available_providers",  # lives in sessions; re-exported as part of the benchmarking API
+    "EXIT_TOO_SLOW",
+    "SpeedupCheck",
     "benchmark",
+    "check_speedup",
     "compare_latency",
     "format_latency_table",
 ]
+
+EXIT_TOO_SLOW = 4  # the CLI's exit status when --min-speedup is not met
 
 
 @dataclass(frozen=True)
@@ -144,3 +149,77 @@ def format_latency_table(rows: list[dict]) -> str:
             f"{row['speedup']:>7.2f}x  {row['mac_reduction']:>7.2f}x  {row['efficiency']:>10.0%}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SpeedupCheck:
+    """Original against pruned on one provider, thread count and batch, timed in alternation."""
+    provider: str
+    batch: int
+    threads: int | None
+    original_ms: float  # medians of the alternating runs
+    pruned_ms: float
+    runs: int
+    predicted_ms: float | None = None  # what the latency model predicted for the pruned model, when one was used
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.pruned_ms if self.pruned_ms > 0 else float("inf")
+
+    def summary(self) -> str:
+        provider = self.provider.removesuffix("ExecutionProvider")
+        predicted = f", predicted {self.predicted_ms:.2f} ms" if self.predicted_ms is not None else ""
+        return (f"speed ({provider}, batch {self.batch}, {self.threads or 'default'} threads, {self.runs} runs "
+                f"each): original {self.original_ms:.2f} ms, pruned {self.pruned_ms:.2f} ms{predicted}, "
+                f"speed-up {self.speedup:.2f}x")
+
+    def verdict(self, min_speedup: float | None = None) -> tuple[str | None, int]:
+        """(warning for stderr or None, exit status): a loud warning when the pruned model is slower than the
+        original (or than `min_speedup`); status EXIT_TOO_SLOW only when `min_speedup` is given and missed."""
+        if min_speedup is not None and self.speedup < min_speedup:
+            return (f"onnx-prune: ERROR: speed-up {self.speedup:.2f}x is below --min-speedup {min_speedup:g} "
+                    f"({self.summary()})", EXIT_TOO_SLOW)
+        if self.speedup < 1.0:
+            return (f"onnx-prune: WARNING: the pruned model is SLOWER than the original ({self.summary()}); "
+                    "try --round-to auto or 8, or --target-latency", 0)
+        return None, 0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), speedup=self.speedup)
+
+
+def check_speedup(
+    original: ModelLike,
+    pruned: ModelLike,
+    provider: str = "cpu",
+    threads: int | None = None,
+    batch: int = 1,
+    repeat: int = 20,
+    warmup: int = 3,
+    seed: int = 0,
+    shapes: dict[str, list[int]] | None = None,
+    predicted_ms: float | None = None,
+) -> SpeedupCheck:
+    """Time `original` and `pruned` on `provider` (falling back to CPU with a notice when it cannot run here),
+    alternating one run of each so that both see the same load, and compare their medians.
+
+    Both get the same random inputs (`seed`; dynamic dims from `shapes`, the leading one = `batch`).
+    Raises ValueError for a batch the models cannot take or repeat < 1.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    chosen = available_providers([provider])[0]
+    feed = _batch_feed(load_graph_only(original), batch, seed, shapes)
+    sessions = [make_session(model, provider_chain(chosen), threads) for model in (original, pruned)]
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    timings = np.empty((2, repeat))
+    for index in range(repeat):
+        order = (0, 1) if index % 2 == 0 else (1, 0)  # alternate who goes first: neither always follows the other
+        for which in order:
+            start = time.perf_counter()
+            sessions[which].run(None, feed)
+            timings[which, index] = time.perf_counter() - start
+    original_ms, pruned_ms = (float(np.median(row)) * 1e3 for row in timings)
+    return SpeedupCheck(chosen, batch, threads, original_ms, pruned_ms, repeat, predicted_ms)
