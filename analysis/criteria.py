@@ -14,7 +14,7 @@ Higher scores mean more important.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -38,6 +38,7 @@ class FilterSet:
     channels: np.ndarray    # group channel of each position
     kernel: int = 1         # spatial size of a filter (1 for 1x1 convs and Gemm/MatMul)
     weights_per_position: int = 0
+    factor: np.ndarray | None = None  # per-position multiplier of the scores (|gamma| with bn_mode "gamma")
 
 
 # --- criteria: filters (n, d) -> score (n,)
@@ -85,31 +86,101 @@ def nearest_exact(proto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return neighbour, distance[np.arange(len(proto)), neighbour]
 
 
-def nystrom_factor(proto: np.ndarray, landmarks: int) -> np.ndarray:
-    """F with F F^T = the Nystrom approximation C W^+ C^T of the similarity matrix (exact when the landmark
-    count reaches the prototypes' rank).  Landmarks are the rows a pivoted QR picks first."""
-    m = min(landmarks, len(proto))
-    _, _, pivots = qr(proto.T, mode="economic", pivoting=True)
+RANK_TOLERANCE = 1e-7    # pivoted-QR diagonal below this share of the largest: beyond the numerical rank
+KD_TREE_DIMS = 16        # factor widths up to which a k-d tree finds neighbours faster than a matrix product
+SAMPLE_ROWS = 64         # filters whose exact neighbours measure a Nystrom approximation
+SEARCH_BLOCK = 1024      # rows per block of the brute-force neighbour search
+
+
+@dataclass
+class NystromFit:
+    """What a Nystrom neighbour search found and how far it is from exact.
+
+    `rank` is the prototypes' numerical rank; with `landmarks` >= `rank` the approximation is exact (to
+    rounding).  `agreement` (share of sampled filters whose neighbour is an exact nearest one) and
+    `similarity_error` (relative Frobenius error of the sampled similarity rows) are measured on up to
+    SAMPLE_ROWS evenly spaced filters against the exact similarity."""
+    neighbour: np.ndarray
+    distance: np.ndarray
+    landmarks: int
+    rank: int
+    agreement: float
+    similarity_error: float
+
+    def summary(self) -> dict:
+        return {"filters": len(self.neighbour), "rank": self.rank, "landmarks": self.landmarks,
+                "exact": self.landmarks >= self.rank, "sampled_agreement": self.agreement,
+                "sampled_similarity_error": self.similarity_error}
+
+
+def pivoted_landmarks(proto: np.ndarray) -> tuple[np.ndarray, int]:
+    """(rows in the order a pivoted QR picks them, numerical rank of the prototypes)."""
+    _, r, pivots = qr(proto.T, mode="economic", pivoting=True)
+    diagonal = np.abs(np.diag(r))
+    rank = int((diagonal > diagonal[0] * RANK_TOLERANCE).sum()) if len(diagonal) and diagonal[0] > 0 else 1
+    return pivots, max(rank, 1)
+
+
+def nystrom_factor(proto: np.ndarray, landmarks: int | None = None) -> np.ndarray:
+    """F with F F^T = the Nystrom approximation C W^+ C^T of the similarity matrix.  Landmarks are the rows a
+    pivoted QR picks first; None takes the prototypes' numerical rank, which makes it exact."""
+    return _factor(proto, *pivoted_landmarks(proto), landmarks)[0]
+
+
+def _factor(proto: np.ndarray, pivots: np.ndarray, rank: int, landmarks: int | None) -> tuple[np.ndarray, int]:
+    m = min(rank if landmarks is None else landmarks, len(proto))
     chosen = np.sort(pivots[:m])
     columns = proto @ proto[chosen].T                     # C: (n, m)
     w = columns[chosen]                                   # W: (m, m)
     vals, vecs = np.linalg.eigh(w)
     keep = vals > vals.max() * 1e-10
-    return columns @ (vecs[:, keep] / np.sqrt(vals[keep]))  # C W^{-1/2}
+    return columns @ (vecs[:, keep] / np.sqrt(vals[keep])), m  # C W^{-1/2}
 
 
-def nearest_nystrom(proto: np.ndarray, landmarks: int = 9) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest neighbours by |cos| from the Nystrom factor, with a k-d tree instead of the n x n matrix."""
-    factor = nystrom_factor(proto, landmarks)
+def _nearest_in_factor(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest other row by |cos| and its distance 1 - |cos|, for unit rows: a k-d tree in few dimensions,
+    a blocked matrix product otherwise (no n x n matrix held)."""
+    n = len(unit)
+    rows = np.arange(n)
+    if unit.shape[1] <= KD_TREE_DIMS:
+        tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
+        chord, index = tree.query(unit, k=3, workers=-1)
+        other = (index % n) != rows[:, None]  # drop the filter itself (at distance 0)
+        pick = np.argmax(other, axis=1)
+        return index[rows, pick] % n, np.clip(chord[rows, pick] ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
+    neighbour, distance = np.empty(n, dtype=np.int64), np.empty(n)
+    for begin in range(0, n, SEARCH_BLOCK):
+        block = rows[begin:begin + SEARCH_BLOCK]
+        cosine = np.abs(unit[block] @ unit.T)
+        cosine[np.arange(len(block)), block] = -np.inf
+        neighbour[block] = np.argmax(cosine, axis=1)
+        distance[block] = np.clip(1.0 - cosine[np.arange(len(block)), neighbour[block]], 0.0, None)
+    return neighbour, distance
+
+
+def nystrom_neighbours(proto: np.ndarray, landmarks: int | None = None) -> NystromFit:
+    """Nearest neighbours by |cos| through the Nystrom factor, with the approximation measured (NystromFit).
+    ``landmarks=None`` (the default) takes the prototypes' numerical rank: exact, and fast where that rank is
+    small (3x3 kernels: at most 9); for high-rank prototypes (1x1 convs) it costs about what exact does."""
+    pivots, rank = pivoted_landmarks(proto)
+    factor, m = _factor(proto, pivots, rank, landmarks)
     norms = np.linalg.norm(factor, axis=1, keepdims=True)
     unit = factor / np.where(norms > 0, norms, 1.0)
-    n = len(unit)
-    tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
-    chord, index = tree.query(unit, k=3, workers=-1)
-    other = (index % n) != np.arange(n)[:, None]  # drop the filter itself (at distance 0)
-    pick = np.argmax(other, axis=1)
-    rows = np.arange(n)
-    return index[rows, pick] % n, np.clip(chord[rows, pick] ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
+    neighbour, distance = _nearest_in_factor(unit)
+    sample = np.unique(np.linspace(0, len(proto) - 1, min(SAMPLE_ROWS, len(proto))).astype(np.int64))
+    exact = np.abs(proto[sample] @ proto.T)
+    approx = np.abs(unit[sample] @ unit.T)
+    exact[np.arange(len(sample)), sample] = approx[np.arange(len(sample)), sample] = 0.0
+    best = exact.max(axis=1)
+    agreement = float(np.mean(exact[np.arange(len(sample)), neighbour[sample]] >= best - 1e-9))
+    error = float(np.linalg.norm(exact - approx) / max(np.linalg.norm(exact), 1e-30))
+    return NystromFit(neighbour, distance, m, rank, agreement, error)
+
+
+def nearest_nystrom(proto: np.ndarray, landmarks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbour, distance) of `nystrom_neighbours`."""
+    fit = nystrom_neighbours(proto, landmarks)
+    return fit.neighbour, fit.distance
 
 
 def similarity(filters: FilterSet, **_) -> np.ndarray:
@@ -119,10 +190,14 @@ def similarity(filters: FilterSet, **_) -> np.ndarray:
     return nearest_exact(prototypes(filters))[1]
 
 
-def nystrom(filters: FilterSet, landmarks: int = 9, **_) -> np.ndarray:
+def nystrom(filters: FilterSet, landmarks: int | None = None, notes: dict | None = None, **_) -> np.ndarray:
+    """`similarity` through the Nystrom approximation; the fit's measured error goes to `notes[node]`."""
     if len(filters.rows) < 2:
         return np.ones(len(filters.rows))
-    return nearest_nystrom(prototypes(filters), landmarks)[1]
+    fit = nystrom_neighbours(prototypes(filters), landmarks)
+    if notes is not None:
+        notes.setdefault("nystrom", {})[filters.node] = fit.summary()
+    return fit.distance
 
 
 CRITERIA: dict[str, Callable[..., np.ndarray]] = {
@@ -164,33 +239,65 @@ def _rows(member: Member, weights: Weights) -> np.ndarray:
     return array.reshape(array.shape[0], -1)[member.positions].astype(np.float64)
 
 
+BN_MODES = ("folded", "gamma")  # how a BatchNorm after a layer enters its filters' scores
+
+
 def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("producer",),
-                bn_after: dict[str, onnx.NodeProto] | None = None) -> list[FilterSet]:
-    """The group's layers of the given roles, each with weight (and bias) rows per position."""
+                bn_after: dict[str, onnx.NodeProto] | None = None, bn_mode: str = "folded",
+                batchnorms: dict[str, onnx.NodeProto] | None = None) -> list[FilterSet]:
+    """The group's layers of the given roles, each with weight (and bias) rows per position.
+
+    A BatchNorm that alone reads a producer or a carried (depthwise) conv is part of that layer: with
+    ``bn_mode="folded"`` its affine is folded into the rows (what the runtime computes), with ``"gamma"`` the
+    raw rows are kept and |gamma| multiplies the layer's scores (`FilterSet.factor`), leaving out the 1/sigma
+    that folding brings.  Either way that BatchNorm is not a layer of its own (it would count twice, in other
+    units).  A BatchNorm that reads something else (an Add, a concat) stays a carrier, as its affine
+    [gamma / sigma, beta - mean * gamma / sigma] where `batchnorms` names it."""
     bn_after = bn_after or {}
+    batchnorms = batchnorms or {}
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode '{bn_mode}' (choose from {', '.join(BN_MODES)})")
+    in_a_layer = {bn.name for bn in bn_after.values()}
     by_node: dict[tuple[str, str], list[Member]] = {}
     for member in group.members:
-        if member.role in roles:
+        if member.role in roles and not (member.role == "carrier" and member.node in in_a_layer):
             by_node.setdefault((member.node, member.role), []).append(member)
     sets = []
     for (node, role), members in by_node.items():
         weight = max(members, key=lambda m: weights(m.param).ndim)
         if weights(weight.param).ndim < 2 and role != "carrier":
             continue  # a bias alone
+        if node in batchnorms and role == "carrier":
+            sets.append(_batchnorm_carrier(batchnorms[node], members, weights))
+            continue
         same = [m for m in members if np.array_equal(m.positions, weight.positions)]
         rows = _rows(weight, weights)
         bias = next((_rows(m, weights)[:, 0] for m in same if m is not weight and weights(m.param).ndim == 1),
                     np.zeros(len(rows)))
-        if role == "producer" and node in bn_after:
-            scale, shift = _bn_affine(bn_after[node], weights)
-            rows = rows * scale[weight.positions, None]
-            bias = bias * scale[weight.positions] + shift[weight.positions]
+        factor = None
+        if node in bn_after and role in ("producer", "carrier"):
+            bn = bn_after[node]
+            if bn_mode == "folded":
+                scale, shift = _bn_affine(bn, weights)
+                rows = rows * scale[weight.positions, None]
+                bias = bias * scale[weight.positions] + shift[weight.positions]
+            else:
+                factor = np.abs(weights(bn.input[1]).astype(np.float64))[weight.positions]
         shape = weights(weight.param).shape
         kernel = int(np.prod(shape[2:])) if len(shape) > 2 and weight.axis in (0, 1) else 1
         per_position = sum(int(np.prod(weights(m.param).shape)) // weights(m.param).shape[m.axis] for m in members)
         sets.append(FilterSet(node, role, np.column_stack([rows, bias]), weight.positions, weight.channels, kernel,
-                              per_position))
+                              per_position, factor))
     return sets
+
+
+def _batchnorm_carrier(bn: onnx.NodeProto, members: list[Member], weights: Weights) -> FilterSet:
+    """A BatchNorm carried along a group as one 'layer': rows [scale, shift] of its affine."""
+    scale_member = next((m for m in members if m.param == bn.input[1]), members[0])
+    scale, shift = _bn_affine(bn, weights)
+    positions = scale_member.positions
+    rows = np.column_stack([scale[positions], shift[positions]])
+    return FilterSet(bn.name, "carrier", rows, positions, scale_member.channels, 1, len(members))
 
 
 def _accumulate(size: int, filters: FilterSet, scores: np.ndarray) -> np.ndarray:
@@ -201,17 +308,27 @@ def _accumulate(size: int, filters: FilterSet, scores: np.ndarray) -> np.ndarray
 
 @dataclass
 class Scoring:
-    """What criteria read besides the group: weights, the BatchNorms of the graph, seed, Nystrom landmarks."""
+    """What criteria read besides the group: weights, the BatchNorms of the graph, seed, Nystrom landmarks
+    (None: the prototypes' rank), how BatchNorm enters the filters (`BN_MODES`).  `notes` collects what the
+    criteria measured on the way (``notes["nystrom"][layer]``: the approximation's rank, landmarks and
+    measured error), for the report."""
     weights: Weights
     bn_after: dict[str, onnx.NodeProto]     # layer -> the BatchNormalization that alone reads it
     batchnorms: dict[str, onnx.NodeProto]   # every BatchNormalization node by name
     seed: int = 0
-    landmarks: int = 9
+    landmarks: int | None = None
+    bn_mode: str = "folded"
+    notes: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, weights: Weights, seed: int = 0, landmarks: int = 9) -> "Scoring":
+    def of(cls, model: onnx.ModelProto, weights: Weights, seed: int = 0, landmarks: int | None = None,
+           bn_mode: str = "folded") -> "Scoring":
         batchnorms = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
-        return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks)
+        return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks, bn_mode)
+
+
+AGGREGATE_ROLES = {"first": ("producer",), "mean": ("producer",), "max": ("producer",),
+                   "domino-o": ("producer", "carrier"), "domino-io": ("producer", "carrier", "consumer")}
 
 
 def channel_scores(group: Group, scoring: Scoring, criterion: str = "l2", aggregate: str = "domino-o",
@@ -227,12 +344,14 @@ def channel_scores(group: Group, scoring: Scoring, criterion: str = "l2", aggreg
             return channel_scores(group, scoring, "l2", aggregate, normalize)
     else:
         score_fn = CRITERIA[criterion]
-        roles = {"first": ("producer",), "mean": ("producer",), "max": ("producer",),
-                 "domino-o": ("producer", "carrier"), "domino-io": ("producer", "carrier", "consumer")}[aggregate]
-        sets = filter_sets(group, weights, roles, scoring.bn_after)
+        sets = filter_sets(group, weights, AGGREGATE_ROLES[aggregate], scoring.bn_after, scoring.bn_mode,
+                           scoring.batchnorms)
         if aggregate == "first":
             sets = sets[:1]
-        per_set = [_accumulate(group.size, f, score_fn(f, rng=rng, landmarks=scoring.landmarks)) for f in sets]
+        per_set = []
+        for f in sets:
+            score = score_fn(f, rng=rng, landmarks=scoring.landmarks, notes=scoring.notes)
+            per_set.append(_accumulate(group.size, f, score if f.factor is None else score * f.factor))
         if not per_set:
             return np.zeros(group.size)
         stacked = np.vstack(per_set)

@@ -1,12 +1,21 @@
-"""Criteria on hand-made weights with known rankings, Domino against the coupling-blind baseline, Nystrom."""
+"""Criteria on hand-made weights with known rankings, Domino against the coupling-blind baseline, BatchNorm in
+the scores (folded once, never twice), honest Nystrom, and prune() choosing by the criterion it was given.
+
+Each test that guards against a specific wrong behaviour says which deliberately broken variant it was run
+against (and failed on)."""
+import fnmatch
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
 import onnx_prune
-from onnx_prune.analysis.criteria import (FilterSet, Scoring, channel_scores, fpgm, l1, l2, nearest_exact,
-                                          nearest_nystrom, nystrom, prototypes, random_scores, similarity)
+from onnx_prune.analysis.criteria import (CRITERIA, FilterSet, Scoring, channel_scores, fpgm, l1, l2, nearest_exact,
+                                          nearest_nystrom, nystrom, nystrom_neighbours, prototypes, random_scores,
+                                          removed_weights, similarity)
+from onnx_prune.passes.plan import GroupPlan, Plan
+from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.passes.similarity import SimilaritySelect
 from onnx_prune.pipeline import prepare
 
@@ -19,6 +28,24 @@ def _filters(rows, kernel=1):
     n = len(rows)
     return FilterSet("conv", "producer", np.column_stack([rows, np.zeros(n)]), np.arange(n), np.arange(n), kernel)
 
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+
+def _set_weight(model, name, value):
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _folded_rows(w, conv, bn, eps=1e-5):
+    """By hand: conv rows (output channel first) with the BN after it folded in, bias column last."""
+    scale = w[f"{bn}.scale"] / np.sqrt(w[f"{bn}.var"] + eps)
+    rows = w[f"{conv}.weight"].reshape(len(scale), -1) * scale[:, None]
+    return np.column_stack([rows, w[f"{bn}.bias"] - w[f"{bn}.mean"] * scale])
+
+
+# --- single-layer criteria
 
 def test_norms_rank_by_magnitude():
     filters = _filters([[1, -1, 0], [3, 0, 0], [1, 1, 1], [0, 0, 0.5]])
@@ -47,6 +74,8 @@ def test_random_is_seeded():
     assert not np.array_equal(a, random_scores(filters, rng=np.random.default_rng(4)))
 
 
+# --- Nystrom: exact at the default, measured when asked to approximate
+
 @pytest.mark.parametrize("n_filters", [1024, 2048])
 def test_nystrom_equals_exact_when_landmarks_reach_the_rank(n_filters):
     rng = np.random.default_rng(n_filters)
@@ -54,18 +83,54 @@ def test_nystrom_equals_exact_when_landmarks_reach_the_rank(n_filters):
     filters = _filters(weights.reshape(n_filters, -1), kernel=9)
     proto = prototypes(filters)
     exact_neighbour, exact_distance = nearest_exact(proto)
-    approx_neighbour, approx_distance = nearest_nystrom(proto, landmarks=9)
-    assert np.array_equal(exact_neighbour, approx_neighbour)
-    assert np.allclose(exact_distance, approx_distance, atol=1e-8)
-    assert np.allclose(similarity(filters), nystrom(filters, landmarks=9), atol=1e-8)
+    for landmarks in (9, None):  # None: the prototypes' rank, found by the pivoted QR (9 here)
+        approx_neighbour, approx_distance = nearest_nystrom(proto, landmarks=landmarks)
+        assert np.array_equal(exact_neighbour, approx_neighbour)
+        assert np.allclose(exact_distance, approx_distance, atol=1e-8)
+    assert nystrom_neighbours(proto).rank == 9
+    assert np.allclose(similarity(filters), nystrom(filters), atol=1e-8)
     # fewer landmarks than the rank is an approximation, and it shows
     assert not np.allclose(exact_distance, nearest_nystrom(proto, landmarks=3)[1], atol=1e-6)
 
 
-def _set_weight(model, name, value):
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+@pytest.mark.parametrize("n_out, n_in", [(256, 128), (512, 256)])
+def test_nystrom_default_agrees_with_exact_on_1x1_layers(n_out, n_in):
+    """1x1 prototypes are whole rows (rank n_in).  Broken variant checked: the former default of 9 landmarks
+    (`landmarks=9` here) agrees on 4.7% / 1.0% of the neighbours and fails the 0.9 floor."""
+    rng = np.random.default_rng(n_out)
+    proto = prototypes(_filters(rng.standard_normal((n_out, n_in))))
+    exact_neighbour, _ = nearest_exact(proto)
+    fit = nystrom_neighbours(proto)
+    assert fit.rank == n_in and fit.landmarks == n_in
+    agreement = float(np.mean(fit.neighbour == exact_neighbour))
+    assert agreement >= 0.9
+    assert fit.agreement >= 0.9 and fit.summary()["exact"]
 
+
+def test_nystrom_with_few_landmarks_reports_its_measured_error():
+    """Asked for fewer landmarks than the rank, the fit says how far it is: its sampled agreement is close to
+    the agreement over all filters, and its similarity error is large.  Broken variant checked: reporting
+    agreement 1.0 unconditionally (as the old help text's "exact" implied) fails the closeness assertion."""
+    rng = np.random.default_rng(1)
+    proto = prototypes(_filters(rng.standard_normal((256, 128))))
+    exact_neighbour, _ = nearest_exact(proto)
+    fit = nystrom_neighbours(proto, landmarks=9)
+    actual = float(np.mean(fit.neighbour == exact_neighbour))
+    assert actual < 0.2 and not fit.summary()["exact"]
+    assert abs(fit.agreement - actual) < 0.15
+    assert fit.similarity_error > 0.1
+
+
+def test_nystrom_criterion_notes_its_fit_per_layer():
+    prepared = prepare(fixture_path("residual_add"))
+    scoring = Scoring.of(prepared.model, prepared.weights())
+    group = next(g for g in prepared.analysis.groups if "conv0" in g.nodes("producer"))
+    channel_scores(group, scoring, "nystrom", "first")
+    note = scoring.notes["nystrom"]["conv0"]
+    assert note["landmarks"] == note["rank"] <= 9 and note["exact"] and note["sampled_agreement"] == 1.0
+
+
+# --- aggregation over coupled layers, and BatchNorm counted once
 
 def test_domino_ranking_differs_from_the_coupling_blind_one():
     """residual_add: conv0 (stem) and conv2 (block output) are tied by the identity shortcut.  Channel 0 is
@@ -88,8 +153,56 @@ def test_domino_ranking_differs_from_the_coupling_blind_one():
     assert np.argmax(first) == 0 and np.argmax(domino) == 1
     io = channel_scores(group, scoring, "l1", "domino-io")
     assert np.all(io >= domino)
-    normalized = channel_scores(group, scoring, "l1", "domino-o", normalize=True)
-    assert np.allclose(normalized * (domino / np.where(normalized > 0, normalized, 1)), domino)
+
+
+def _params(model) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def test_normalize_divides_by_the_weights_a_removal_really_deletes():
+    """The "-avg" variant divides by the weights removing a channel deletes.  Oracle: remove one channel with
+    the rewrite and count the parameters that went.  (Replaces a tautology that multiplied the normalised
+    score back by domino/normalised.)  Broken variants checked: dividing by the producers' weights only, and
+    by count + 1, both fail."""
+    prepared = prepare(fixture_path("residual_add"))
+    scoring = Scoring.of(prepared.model, prepared.weights())
+    before = _params(prepared.model)
+    for group in prepared.analysis.prunable_groups:
+        domino = channel_scores(group, scoring, "l1", "domino-o")
+        normalized = channel_scores(group, scoring, "l1", "domino-o", normalize=True)
+        for c in (0, group.size - 1):
+            keep = np.setdiff1d(np.arange(group.size), [c])
+            pruned = ApplyPlanPass(prepared.analysis, Plan({group.id: GroupPlan(keep)}))(prepared.model).model
+            deleted = before - _params(pruned)
+            assert deleted == removed_weights(group, prepared.weights())[c]
+            assert normalized[c] == pytest.approx(domino[c] / deleted, rel=1e-12)
+
+
+def test_domino_o_counts_a_folded_batchnorm_once():
+    """depthwise fixture, group conv1 -> bn1 -> clip -> conv2 (depthwise) -> bn2 -> clip -> conv3.  Domino-o is
+    the l2 of conv1's rows with bn1 folded plus conv2's rows with bn2 folded, and nothing else.  Broken
+    variant checked: the former scores, which added bn1 and bn2 again as [gamma, beta] 'layers' (mixed units),
+    differ from this by more than 1e-3 relative."""
+    prepared = prepare(fixture_path("depthwise"))
+    w = _weights(prepared.model)
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    expected = np.linalg.norm(_folded_rows(w, "conv1", "bn1"), axis=1)
+    depthwise = np.linalg.norm(_folded_rows(w, "conv2", "bn2"), axis=1)
+    per_channel = len(depthwise) // group.size  # depthwise positions of each channel (multiplier)
+    expected = expected + depthwise.reshape(group.size, per_channel).sum(axis=1)
+    scores = channel_scores(group, Scoring.of(prepared.model, prepared.weights()), "l2", "domino-o")
+    np.testing.assert_allclose(scores, expected, rtol=1e-9)
+
+
+def test_gamma_mode_scores_raw_filters_times_gamma():
+    """bn_mode="gamma": raw conv rows (no 1/sigma, no BN shift) times |gamma| per channel."""
+    prepared = prepare(fixture_path("depthwise"))
+    w = _weights(prepared.model)
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    scoring = Scoring.of(prepared.model, prepared.weights(), bn_mode="gamma")
+    raw = np.linalg.norm(w["conv1.weight"].reshape(group.size, -1), axis=1)  # conv1 has no bias: column 0
+    np.testing.assert_allclose(channel_scores(group, scoring, "l2", "first"), raw * np.abs(w["bn1.scale"]),
+                               rtol=1e-9)
 
 
 def test_bn_criterion_reads_gamma():
@@ -100,15 +213,63 @@ def test_bn_criterion_reads_gamma():
     assert np.array_equal(np.argsort(channel_scores(group, scoring, "bn")), np.argsort(np.abs(gamma)))
 
 
+# --- prune() keeps what the requested criterion ranks highest
+
+MARKERS = {"conv0": "bn0.scale", "conv1": "bn1.scale", "conv5": "conv5.bias"}  # a vector per group, by producer
+
+
+def _kept_channels(original: dict, pruned: onnx.ModelProto, marker: str) -> np.ndarray:
+    """Which channels of the original survive, read off a per-channel vector of distinct values."""
+    after = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}[marker].astype(np.float64)
+    return np.sort(np.nonzero(np.isin(original[marker], after))[0])
+
+
+def _top(scores: np.ndarray, n_keep: int) -> np.ndarray:
+    return np.sort(np.lexsort((np.arange(len(scores)), -scores))[:n_keep])
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn", "random", "similarity", "nystrom"])
 @pytest.mark.parametrize("aggregate", ["first", "domino-o", "domino-io", "mean", "max"])
-def test_every_criterion_and_aggregation_prunes_a_valid_model(criterion, aggregate):
-    model, report = onnx_prune.prune(fixture_path("depthwise"), ratio=0.5, criterion=criterion, aggregate=aggregate)
+def test_every_criterion_and_aggregation_keeps_its_own_top_channels(criterion, aggregate):
+    """The pruned model is valid, cheaper, and keeps in every group exactly the channels the requested
+    criterion ranks highest; for random, also not what l2 keeps (the plans really differ).  Broken variants
+    checked: `random` returning l2's scores, and prune() ignoring --criterion (always l2): both fail."""
+    source = fixture_path("depthwise")
+    model, report = onnx_prune.prune(source, ratio=0.5, criterion=criterion, aggregate=aggregate)
     onnx.checker.check_model(model, full_check=True)
     assert report.macs_after < report.macs_before
+    prepared = prepare(source)
+    original = _weights(prepared.model)
+    scoring = Scoring.of(prepared.model, prepared.weights())
+    differs_from_l2 = False
+    for producer, marker in MARKERS.items():
+        group = next(g for g in prepared.analysis.groups if producer in g.nodes("producer"))
+        kept = _kept_channels(original, model, marker)
+        assert len(kept) == group.size // 2
+        if criterion in ("similarity", "nystrom"):
+            continue  # a select, not a top-k: below
+        assert np.array_equal(kept, _top(channel_scores(group, scoring, criterion, aggregate), len(kept)))
+        differs_from_l2 |= not np.array_equal(kept, _top(channel_scores(group, scoring, "l2", aggregate), len(kept)))
+    if criterion == "random":
+        assert differs_from_l2
 
 
-def test_similarity_method_with_compensation_merges_a_duplicate_exactly():
+def test_random_depends_on_the_seed_and_the_others_do_not():
+    """Broken variant checked: CRITERIA['random'] = l2 keeps the same channels for every seed: fails."""
+    source = fixture_path("depthwise")
+    original = _weights(prepare(source).model)
+    kept = {}
+    for criterion in ("random", "l2"):
+        for seed in (0, 1, 2):
+            model, _ = onnx_prune.prune(source, ratio=0.5, criterion=criterion, seed=seed)
+            kept[criterion, seed] = tuple(tuple(_kept_channels(original, model, m)) for m in MARKERS.values())
+    assert len({kept["random", s] for s in (0, 1, 2)}) > 1
+    assert len({kept["l2", s] for s in (0, 1, 2)}) == 1
+
+
+def test_similarity_method_keeps_one_of_a_duplicate_pair():
+    """--method similarity: of two identical filters one goes first; with the neighbour merge its consumer
+    columns fold into the kept twin, so outputs do not change."""
     prepared = prepare(fixture_path("flatten_gemm"))
     model = prepared.model
     w = prepared.weights()("conv0.weight").copy()
@@ -119,9 +280,9 @@ def test_similarity_method_with_compensation_merges_a_duplicate_exactly():
     duplicated = prepare(model)
     group = next(g for g in duplicated.analysis.groups if "conv0" in g.nodes("producer"))
     scoring = Scoring.of(duplicated.model, duplicated.weights())
-    plan = SimilaritySelect(scoring, compensate=True)(group, group.size - 1)
+    plan = SimilaritySelect(scoring, True)(group, group.size - 1)
     assert 3 not in plan.keep or 1 not in plan.keep
-    pruned, _ = onnx_prune.prune(duplicated, ratio=0.25, method="similarity", compensate=True)
+    pruned, _ = onnx_prune.prune(duplicated, ratio=0.25, method="similarity", merge_neighbours=True)
     feeds = feeds_for(duplicated.model)
     assert relative_error(run(duplicated.model, feeds), run(pruned, feeds)) < 1e-5
     plain, _ = onnx_prune.prune(duplicated, ratio=0.25, method="similarity")
@@ -138,14 +299,9 @@ def test_calibration_criteria_drop_a_dead_channel_first(tmp_path):
     _set_weight(model, "conv1.bias", b)
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((8, 1, 3, 8, 8)).astype(np.float32))
+    original = _weights(model)
     for criterion in ("apoz", "activation"):
-        _, report = onnx_prune.prune(model, ratio=0.25, criterion=criterion, calib=str(data))
+        pruned, report = onnx_prune.prune(model, ratio=0.25, criterion=criterion, calib=str(data))
         conv1 = next(g for g in report.groups if g.name == "conv1")
         assert conv1.kept == 3
-        pruned_prepared = prepare(model)
-        group = next(g for g in pruned_prepared.analysis.groups if g.name == "conv1")
-        from onnx_prune.runtime.activations import calibration_scores
-        from onnx_prune.runtime.fidelity import load_npz_inputs
-        scores = calibration_scores(pruned_prepared.model, pruned_prepared.analysis, [group.id],
-                                    load_npz_inputs(data, pruned_prepared.model), criterion)
-        assert int(np.argmin(scores[group.id])) == 2
+        assert 2 not in _kept_channels(original, pruned, "conv1.bias")
