@@ -319,6 +319,42 @@ def _first_occurrence_order(labels: np.ndarray) -> np.ndarray:
     return relabel[np.searchsorted(np.unique(labels), labels)]
 
 
+def _keep_every_tensor_nonempty(ctx: Context, id_group: np.ndarray, id_channel: np.ndarray, sizes: np.ndarray,
+                                frozen: list[np.ndarray], reasons: list[list[str]]) -> None:
+    """No tensor or weight may lose all its channels.  A plan never empties a group, but a tensor can hold only
+    some of a group's channels: a stem padded with zero channels into a residual sum (BlazeFace) shares its
+    group with the padding, which is frozen, so keeping "the frozen ones" would empty the stem and every
+    depthwise conv and bias on it.  Where a tensor holds no frozen channel and no whole group, one of its
+    channels (the first) is frozen, so whatever a method selects, the tensor keeps at least it."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = np.concatenate(frozen) if frozen else np.zeros(0, dtype=bool)
+    named = [(name, lay.ids) for name, lay in ctx.layouts.items()] + [(m.param, m.ids) for m in ctx.members]
+    guarded: dict[int, list[str]] = {}
+    for name, ids in named:
+        if not len(ids):
+            continue
+        slots = offsets[id_group[ids]] + id_channel[ids]
+        if flat[slots].any():
+            continue
+        unique = np.unique(slots)
+        groups_here, counts = np.unique(_groups_of(unique, offsets), return_counts=True)
+        if (counts == sizes[groups_here]).any():
+            continue  # it holds a whole group, which a plan never empties
+        g, c = int(id_group[ids[0]]), int(id_channel[ids[0]])
+        flat[offsets[g] + c] = True
+        frozen[g][c] = True
+        guarded.setdefault(g, []).append(name)
+    for g, names in guarded.items():
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        reasons[g].append(f"{len(names)} channel(s) kept so that tensors holding part of the group ({shown}) "
+                          "never lose all their channels")
+
+
+def _groups_of(slots: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The group of each flat (group offset + channel) slot."""
+    return np.searchsorted(offsets, slots, side="right") - 1
+
+
 def _partition(ctx: Context, node_ops: dict[str, str]) -> ChannelAnalysis:
     n = ctx.next_id
     channel_of = _first_occurrence_order(_components(n, ctx.edges))
@@ -352,6 +388,7 @@ def _partition(ctx: Context, node_ops: dict[str, str]) -> ChannelAnalysis:
             frozen[g][id_channel[sel]] = True
             if reason not in reasons[g]:
                 reasons[g].append(reason)
+    _keep_every_tensor_nonempty(ctx, id_group, id_channel, sizes, frozen, reasons)
 
     members: list[list[Member]] = [[] for _ in range(n_groups)]
     for raw in ctx.members:

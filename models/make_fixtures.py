@@ -285,6 +285,39 @@ def opset21() -> onnx.ModelProto:
     return b.model(21)
 
 
+def blazeface_block() -> onnx.ModelProto:
+    """tflite2onnx BlazeFace pattern: depthwise conv with bias -> 1x1 conv, shortcut MaxPool (stride 2) and a
+    Pad that adds zero channels, residual Add, PRelu."""
+    b = Builder("blazeface_block")
+
+    def prelu(x, c):
+        return b.op("PRelu", [x, b.tensor(b.uid("slope"), b.rng.uniform(0.05, 0.3, (c, 1, 1)).astype(np.float32))])
+
+    def blaze(x, cin, cout, stride):
+        h = b.conv(b.conv(x, cin, cin, stride=stride, group=cin), cin, cout, k=1)
+        if stride == 2:
+            x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        if cout > cin:
+            x = b.op("Pad", [x, b.ints(0, 0, 0, 0, 0, cout - cin, 0, 0)])
+        return prelu(b.op("Add", [h, x]), cout)
+
+    h = prelu(b.conv("x", 3, 4), 4)
+    h = blaze(blaze(blaze(h, 4, 4, 1), 4, 24, 2), 24, 24, 1)
+    b.head(prelu(b.conv(h, 24, 16, k=1), 16), 16)
+    return b.model(13)
+
+
+def paddle_se() -> onnx.ModelProto:
+    """paddle2onnx pattern: dynamic H/W declared as -1, Constant-node weights, an SE block gated by HardSigmoid."""
+    b = Builder("paddle_se", const_params=True)
+    h = b.relu(b.conv_bn("x", 3, 16))
+    g = b.relu(b.conv(b.op("GlobalAveragePool", [h]), 16, 4, k=1))
+    h = b.op("Mul", [h, b.op("HardSigmoid", [b.conv(g, 4, 16, k=1)], alpha=0.2, beta=0.5)])
+    b.head(b.relu(b.conv_bn(h, 16, 8)), 8)
+    io = helper.make_tensor_value_info
+    return b.model(11, inputs=[io("x", F32, [-1, 3, -1, -1])], outputs=[io("logits", F32, [-1, 10])])
+
+
 FIXTURES: dict[str, Callable[[], onnx.ModelProto]] = {
     "residual_add": residual_add,
     "concat": concat,
@@ -305,6 +338,8 @@ FIXTURES: dict[str, Callable[[], onnx.ModelProto]] = {
     "resize_sizes": resize_sizes,
     "external_data": residual_add,  # same model, saved with its tensors in external_data.onnx.data
     "opset21": opset21,
+    "blazeface_block": blazeface_block,
+    "paddle_se": paddle_se,
 }
 
 

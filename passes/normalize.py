@@ -4,7 +4,8 @@
 - `Identity` of an initializer is bypassed (the dynamo exporter and others emit them for tied weights).
 - A tensor read by several nodes whose elements are all equal (exporters deduplicate zero biases) gets one
   copy per reader: it carries no channel identity, and sharing it would tie unrelated layers together.
-- Every node gets a unique name, because plans and reports refer to nodes by name.
+- Dims declared as -1 (PaddlePaddle's dynamic dims) become symbols.
+- Every node gets a unique name, because plans and reports refer to nodes by name; names the user gave stay.
 
 Requires: a model that passed onnx.checker.  Ensures: the same function, graph outputs unchanged.
 """
@@ -67,6 +68,7 @@ class NormalizeWeightsPass:
             graph.node.extend(kept)
             _rename_in_subgraphs(graph, rename)
         modified |= _unshare_uniform_tensors(graph)
+        modified |= _negative_dims_to_symbols(graph)
         modified |= _name_nodes(graph)
         return PassResult(model, modified)
 
@@ -81,6 +83,21 @@ def _rename_in_subgraphs(graph: onnx.GraphProto, rename: dict[str, str]) -> None
                     for i, name in enumerate(inner.input):
                         inner.input[i] = rename.get(name, name)
                 _rename_in_subgraphs(sub, rename)
+
+
+def _negative_dims_to_symbols(graph: onnx.GraphProto) -> bool:
+    """Some converters (PaddlePaddle's) declare a dynamic dim as -1; ONNX dims are >= 0 or symbolic.  Each
+    such dim becomes a symbol of its own, so nothing downstream mistakes -1 for a size."""
+    changed = False
+    for values in (graph.input, graph.output, graph.value_info):
+        for value in values:
+            if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+                continue
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.dim_param = f"{value.name}_dim{axis}"
+                    changed = True
+    return changed
 
 
 def _unshare_uniform_tensors(graph: onnx.GraphProto) -> bool:

@@ -48,7 +48,8 @@ def inference_skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]
 def _dims(type_proto: onnx.TypeProto) -> list | None:
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+    # a negative dim_value (some converters write -1 for a dynamic dim) is not a size
+    return [(d.dim_value if d.dim_value >= 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
             for d in type_proto.tensor_type.shape.dim]
 
 

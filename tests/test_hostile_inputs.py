@@ -268,3 +268,33 @@ def test_keep_initializers_as_inputs_export_is_frozen_with_a_reason():
     model = _initializers_as_inputs(_chain(widths=(3, 8, 8, 8)))  # every weight is an input (IR < 4 style)
     with pytest.raises(PruneError, match="graph input"):
         onnx_prune.prune(model, ratio=0.5)
+
+
+# --- 13. real exports: a group emptied through a carrier (BlazeFace), -1 dims (PaddlePaddle)
+# Before: in `blazeface_block` the stem's 4 channels share a group with 20 frozen padding channels, so keeping
+# 20 of 24 at ratio 0.2 kept just the padding and wrote conv0 as [0, 3, 3, 3] (and the depthwise conv on it as
+# [0, 1, 3, 3]); `paddle_se` (dims declared -1) died with "all elements of broadcast shape must be non-negative".
+
+@pytest.mark.parametrize("ratio", [0.2, 0.9])
+def test_no_tensor_is_emptied_through_a_carrier(ratio):
+    path = fixture_path("blazeface_block")
+    model, _ = onnx_prune.prune(path, ratio=ratio)
+    assert io.zero_sized_dims(model) == []
+    io.check_result(model)
+    conv0 = next(t for t in model.graph.initializer if t.name == "conv0.weight")
+    assert 1 <= conv0.dims[0] < 4 or ratio < 0.5
+    original = onnx_prune.prepare(path).model
+    feeds = feeds_for(original)
+    assert [a.shape for a in run(model, feeds)] == [a.shape for a in run(original, feeds)]
+
+
+def test_paddle_style_export_with_negative_dims():
+    path = fixture_path("paddle_se")
+    prepared = onnx_prune.prepare(path)
+    features = next(g for g in prepared.analysis.groups if "conv0" in g.nodes("producer"))
+    assert "conv2" in features.nodes("producer") and features.prunable == features.size  # SE gate tied
+    model, _ = onnx_prune.prune(path, ratio=0.3)
+    onnx.checker.check_model(model, full_check=True)
+    io.check_result(model)
+    feeds = feeds_for(prepared.model)  # dynamic H/W: any size runs
+    assert [a.shape for a in run(model, feeds)] == [a.shape for a in run(prepared.model, feeds)]
