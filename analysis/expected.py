@@ -638,18 +638,17 @@ def synthetic_inputs(model: onnx.ModelProto, samples: int = SAMPLES, batch: int 
 
     specs = input_specs(model)
     rng = np.random.default_rng(seed)
-    feeds = []
-    for start in range(0, samples, batch):
-        n = min(batch, samples - start)
-        concrete = resolve_input_shapes(specs, shapes, n)
+    feeds, produced = [], 0
+    while produced < samples:  # a fixed batch dim in the model wins over `batch`
+        concrete = resolve_input_shapes(specs, shapes, min(batch, samples - produced))
         feed = {}
         for spec in specs:
-            dims = [n] + list(concrete[spec.name][1:])
+            dims = list(concrete[spec.name])
             if spec.dtype.kind != "f":
                 feed[spec.name] = np.zeros(dims, dtype=spec.dtype)
                 continue
             if len(dims) == 4 and dims[1] <= 4 and min(dims[2:]) >= 8:
-                noise = pink_noise(rng, n, dims[1], dims[2], dims[3])
+                noise = pink_noise(rng, dims[0], dims[1], dims[2], dims[3])
                 norm = normalization or (IMAGENET_NORMALIZATION if dims[1] == 3 else None)
                 if norm is not None:
                     mean = np.asarray(norm[0], dtype=np.float64).reshape(1, -1, 1, 1)
@@ -659,6 +658,7 @@ def synthetic_inputs(model: onnx.ModelProto, samples: int = SAMPLES, batch: int 
             else:
                 feed[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         feeds.append(feed)
+        produced += max((v.shape[0] for v in feed.values() if v.ndim), default=1)
     return feeds
 
 
@@ -775,7 +775,8 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
             m_mean, m_var = measured[tensor]
             replace = ~np.isfinite(value.const) & ((~np.isfinite(mean)) | (kind == "measured"))
             mean, var = np.where(replace, m_mean, mean), np.where(replace, m_var, var)
-            source = kind
+            if replace[mine].any():
+                source = kind
         fixed = np.isfinite(value.const)
         if fixed[mine].all():
             source = "constant"

@@ -2,6 +2,13 @@
 
 Requires: `analysis` was built from this very model (normalised).  Ensures: onnx.checker passes, graph outputs
 keep their shapes, the input model is not mutated.  Pruning and merging differ only in the Plan's `fold`.
+
+A group's `shift` (the constant its consumers lose per channel) is folded into every consumer's bias first,
+with the original weights: ``b += sum_c sum_taps W[:, c, taps] * shift[c]`` for a Conv (per conv group),
+``alpha * shift @ B`` for a Gemm, ``shift @ W`` for a MatMul (into the Add of a constant that follows it, or a new
+Add).  A consumer without a bias gets one, sliced with the layer's output channels like any producer bias.
+Exact for Gemm/MatMul and for Conv away from zero-padded borders; for a ConvTranspose the kernel sum is divided
+by the stride (the average over output pixels).
 """
 from __future__ import annotations
 
@@ -31,8 +38,10 @@ class ApplyPlanPass:
         kept = kept_ids(self.analysis, self.plan)
         out = copy_model(model)
         graph = out.graph
+        param_edits = _param_edits(self.analysis)
+        param_edits.update(_fold_shifts(out, self.analysis, self.plan, param_edits))
         inits = {t.name: t for t in graph.initializer}
-        for param, edits in _param_edits(self.analysis).items():
+        for param, edits in param_edits.items():
             if all(kept[ids].all() and not self._combines(ids, role) for _, ids, role in edits):
                 continue
             array = numpy_helper.to_array(inits[param])
@@ -55,6 +64,172 @@ class ApplyPlanPass:
         attribute = _matrix_for(role)
         plans = (self.plan.groups.get(int(g)) for g in np.unique(self.analysis.id_group[ids]))
         return any(p is not None and getattr(p, attribute) is not None for p in plans)
+
+
+def _shift_nodes(analysis: ChannelAnalysis, plan: Plan) -> list[str]:
+    nodes = {m.node for g, p in plan.groups.items() if p.shifts for m in analysis.groups[g].by_role("consumer")}
+    return sorted(nodes)
+
+
+def _read_shift(analysis: ChannelAnalysis, plan: Plan, node: onnx.NodeProto) -> np.ndarray | None:
+    """The shift at every position of the consumer's input channel axis (0 where no group shifts)."""
+    lay = analysis.layouts.get(node.input[0])
+    if lay is None:
+        return None
+    groups, channels = analysis.id_group[lay.ids], analysis.id_channel[lay.ids]
+    out = np.zeros(len(lay.ids))
+    for g in np.unique(groups):
+        gplan = plan.groups.get(int(g))
+        vector = None if gplan is None else gplan.shift_for(node.name)
+        if vector is None:
+            continue
+        if len(vector) != analysis.groups[int(g)].size:
+            raise ValueError(f"group {int(g)}: shift has {len(vector)} values for {analysis.groups[int(g)].size} "
+                             "channels")
+        here = groups == g
+        out[here] = vector[channels[here]]
+    return out if np.any(out != 0) else None
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _bias_delta(node: onnx.NodeProto, weight: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """What the consumer's output gains per output channel when its inputs carry `shift` (original weights)."""
+    w = weight.astype(np.float64)
+    if node.op_type == "Conv":
+        n_out, per_group = w.shape[:2]
+        group = _attribute(node, "group", 1)
+        taps = w.reshape(n_out, per_group, -1).sum(axis=2)
+        by_group = shift.reshape(group, per_group)[np.arange(n_out) // (n_out // group)]
+        return np.einsum("oi,oi->o", taps, by_group)
+    if node.op_type == "ConvTranspose":
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+        return shift @ taps / float(np.prod(_attribute(node, "strides", [1])))
+    if node.op_type == "Gemm":
+        b = w.T if _attribute(node, "transB", 0) else w
+        return _attribute(node, "alpha", 1.0) * (shift @ b)
+    return shift @ w  # MatMul
+
+
+def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
+                 edits: dict[str, list]) -> dict[str, list]:
+    """Add every consumer's bias delta in place (original weights); new or copied biases are returned with the
+    edits that slice them with the layer's output channels."""
+    nodes = _shift_nodes(analysis, plan)
+    if not nodes:
+        return {}
+    graph = model.graph
+    by_name = {n.name: n for n in graph.node}
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for name in n.input:
+            readers[name].append(n)
+    outputs = {o.name for o in graph.output}
+    new_edits: dict[str, list] = {}
+    for name in nodes:
+        node = by_name[name]
+        shift = _read_shift(analysis, plan, node)
+        if shift is None:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        delta = _bias_delta(node, weight, shift)
+        out_lay = analysis.layouts.get(node.output[0])
+        out_ids = None if out_lay is None else out_lay.ids
+        context = (graph, inits, readers, edits, new_edits, weight.dtype, out_ids)
+        if node.op_type in ("Conv", "ConvTranspose"):
+            _add_to_input(node, 2, delta, *context)
+        elif node.op_type == "Gemm":
+            beta = _attribute(node, "beta", 1.0)
+            has_c = len(node.input) > 2 and bool(node.input[2])
+            if not has_c or beta == 0:
+                if has_c:
+                    readers[node.input[2]].remove(node)
+                    node.input[2] = ""
+                _set_attribute(node, "beta", 1.0)
+                beta = 1.0
+            _add_to_input(node, 2, delta / beta, *context)
+        else:
+            add, index = _bias_add(node, inits, readers, outputs)
+            if add is None:
+                add, index = _insert_add(graph, node, weight.dtype, inits, readers)
+            _add_to_input(add, index, delta, *context)
+    return new_edits
+
+
+def _bias_add(matmul: onnx.NodeProto, inits, readers, outputs) -> tuple[onnx.NodeProto | None, int]:
+    """The Add of a constant that alone reads a MatMul's output (its bias), and the constant's input index."""
+    out = matmul.output[0]
+    if out in outputs or len(readers[out]) != 1 or readers[out][0].op_type != "Add":
+        return None, -1
+    add = readers[out][0]
+    index = 1 - list(add.input).index(out)
+    const = add.input[index]
+    dims = list(inits[const].dims) if const in inits else None
+    if dims is None or any(d != 1 for d in dims[:-1]):
+        return None, -1
+    return add, index
+
+
+def _insert_add(graph, matmul: onnx.NodeProto, dtype, inits, readers) -> tuple[onnx.NodeProto, int]:
+    """MatMul -> MatMul + Add(bias 0): the output keeps its name, so nothing downstream changes."""
+    out = matmul.output[0]
+    inner = _unique(f"{out}__unshifted", inits, graph)
+    matmul.output[0] = inner
+    add = helper.make_node("Add", [inner, ""], [out], name=_unique(f"{matmul.name}__shift", inits, graph))
+    position = list(graph.node).index(matmul) + 1
+    graph.node.insert(position, add)
+    inserted = graph.node[position]
+    readers[inner].append(inserted)
+    return inserted, 1
+
+
+def _unique(base: str, inits, graph) -> str:
+    taken = set(inits) | {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _add_to_input(node, index, delta, graph, inits, readers, edits, new_edits, dtype, out_ids) -> None:
+    """node.input[index] += delta (per output channel, on its last axis); in place where this node alone reads
+    it and its shape holds, else as a new initializer that follows the output channels."""
+    name = node.input[index] if index < len(node.input) else ""
+    old = numpy_helper.to_array(inits[name]) if name else None
+    if old is not None:
+        new = old.astype(np.float64) + delta
+        dtype = old.dtype
+    else:
+        new = delta
+    new = new.astype(dtype)
+    if old is not None and len(readers[name]) == 1 and new.shape == old.shape:
+        inits[name].CopyFrom(numpy_helper.from_array(new, name))
+        return
+    new_name = _unique(f"{name or node.name}__shift", inits, graph)
+    tensor = numpy_helper.from_array(new, new_name)
+    graph.initializer.append(tensor)
+    inits[new_name] = graph.initializer[-1]
+    while len(node.input) <= index:
+        node.input.append("")
+    if name:
+        readers[name].remove(node)
+    node.input[index] = new_name
+    readers[new_name].append(node)
+    if old is not None and new.shape == old.shape and name in edits:
+        new_edits[new_name] = list(edits[name])
+    elif out_ids is not None and new.shape[-1] == len(out_ids):
+        new_edits[new_name] = [(new.ndim - 1, out_ids, "producer")]
 
 
 def _matrix_for(role: str) -> str:
