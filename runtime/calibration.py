@@ -356,10 +356,11 @@ def layer_sample_rows(layer: Layer, out_shape: tuple[int, ...], samples: np.ndar
 def collect_moments(model: onnx.ModelProto, layers: list[Layer], batches: list[tuple[dict, np.ndarray]],
                     fold_of: np.ndarray, source_of: np.ndarray, sources: int, target: onnx.ModelProto | None = None,
                     folds: int = FOLDS, positions: int = POSITIONS, seed: int = 0, progress: Progress | None = None,
-                    indices: list[int] | None = None) -> list[FoldMoments]:
+                    indices: list[int] | None = None, target_maps: list | None = None) -> list[FoldMoments]:
     """Per layer (a node of `model`), the moments of its input features in `model` against its output in
     `target` (the same node name there; None: Grams only), streamed over `batches` (see `feed_batches`).
-    `fold_of` / `source_of`: per global sample.  `indices`: a stable number per layer for the row seeds."""
+    `fold_of` / `source_of`: per global sample.  `indices`: a stable number per layer for the row seeds.
+    `target_maps`: per layer None or a matrix the target's channels are multiplied by (original -> reduced)."""
     indices = list(range(len(layers))) if indices is None else indices
     inputs = sorted({layer.node.input[0] for layer in layers})
     outputs = sorted({layer.node.output[0] for layer in layers})
@@ -375,8 +376,11 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], batches: list[t
             y = found[layer.node.output[0]]
             rows, owner = layer_sample_rows(layer, y.shape, samples, positions, seed, indices[i])
             x = layer_rows(layer, values[layer.node.input[0]], y.shape, kernels[i], rows)
-            y_rows = output_rows(y, output_axis(layer, y.ndim), rows).astype(np.float64) if target is not None \
-                else None
+            y_rows = None
+            if target is not None:
+                y_rows = output_rows(y, output_axis(layer, y.ndim), rows).astype(np.float64)
+                if target_maps is not None and target_maps[i] is not None:
+                    y_rows = y_rows @ target_maps[i]
             if moments[i] is None:
                 moments[i] = FoldMoments.empty(x.shape[1], None if y_rows is None else y_rows.shape[1], folds,
                                                sources, layer.fits_bias)

@@ -6,8 +6,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.passes.allocate import Target
 from onnx_prune.pipeline import method_plan, prepare_folded
-from onnx_prune.passes.repair import (Layer, NormalEquations, batch_feeds, intermediate_tensors, layer_rows, repair,
-                                      ridge_fit, split_feeds)
+from onnx_prune.passes.repair import Layer, fit_grid, intermediate_tensors, layer_rows, repair
+from onnx_prune.runtime.calibration import feed_batches
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.pipeline import PruneOptions, build_plan, prepare
 from onnx_prune.runtime.cost import count_cost
@@ -50,39 +50,20 @@ def test_im2col_rows_times_weights_are_the_conv_output(attrs):
     assert np.allclose(features @ theta, expected, atol=1e-4)
 
 
-def test_ridge_fit_is_least_squares_without_penalty_and_the_old_weights_with_a_huge_one():
-    rng = np.random.default_rng(0)
-    x = np.hstack([rng.standard_normal((200, 6)), np.ones((200, 1))])
-    y = x @ rng.standard_normal((7, 3)) + 0.1 * rng.standard_normal((200, 3))
-    equations = NormalEquations.empty(7, 3)
-    equations.add(x[:120], y[:120])
-    equations.add(x[120:], y[120:])
-    theta0 = rng.standard_normal((7, 3))
-    assert np.allclose(ridge_fit(equations, theta0, ridge=0.0), np.linalg.lstsq(x, y, rcond=None)[0])
-    stiff = ridge_fit(equations, theta0, ridge=1e9, free_rows=1)
-    assert np.allclose(stiff[:-1], theta0[:-1], atol=1e-5)  # weights pinned, the bias row still fitted
-    assert np.allclose(stiff[-1], (y - x[:, :-1] @ theta0[:-1]).mean(axis=0), atol=1e-4)
-
-
-def test_feeds_split_deterministically_and_disjointly():
-    assert split_feeds(8) == ([0, 1, 2, 4, 5, 6], [3, 7])
-    assert split_feeds(3, 0.25) == ([0, 1], [2])
-    assert split_feeds(6, 0.5) == ([0, 2, 4], [1, 3, 5])
-    with pytest.raises(ValueError):
-        split_feeds(1)
+def test_the_ridge_grid_starts_at_the_given_amount_and_ends_with_bias_only():
+    assert fit_grid(1e-3) == (1e-3, 1e-2, 0.1, 1.0, 10.0, np.inf)
+    assert fit_grid(0.0)[0] == 0.0 and fit_grid(0.05)[:2] == (0.05, 0.1)
 
 
 def test_feeds_are_batched_only_along_a_dynamic_batch_dim():
     dynamic = prepare(fixture_path("residual_add")).model
     feeds = feeds_for(dynamic, batch=1, samples=40)
-    runs = batch_feeds(feeds, dynamic, batch=16)
-    assert [len(r["x"]) for r in runs] == [5] * 8  # at most 16, but at least 8 runs
-    assert np.array_equal(np.concatenate([r["x"] for r in runs]), np.concatenate([f["x"] for f in feeds]))
-    assert [len(r["x"]) for r in batch_feeds(feeds_for(dynamic, batch=4, samples=40), dynamic, 16)] == [16] * 10
-    for fixed in ("resize_sizes", "if_subgraph"):  # batch fixed to 1; a scalar input
-        model = prepare(fixture_path(fixed)).model
-        feeds = feeds_for(model, batch=1, samples=20)
-        assert batch_feeds(feeds, model, 16) is feeds
+    runs = feed_batches(feeds, 16, True)
+    assert [len(r["x"]) for r, _ in runs] == [16, 16, 8]
+    assert np.array_equal(np.concatenate([r["x"] for r, _ in runs]), np.concatenate([f["x"] for f in feeds]))
+    assert np.array_equal(np.concatenate([samples for _, samples in runs]), np.arange(40))
+    fixed = feed_batches(feeds, 16, False)
+    assert len(fixed) == 40 and all(r is f for (r, _), f in zip(fixed, feeds))
 
 
 def _pruned(prepared, ratio=0.5):
@@ -154,42 +135,68 @@ def _odd_layers_model():
     return _model(nodes, inits, ["N", 3, 12, 12], "logits", ["N", 10])
 
 
-def test_reported_errors_are_those_of_the_written_model():
+def test_the_written_weights_are_the_fitted_ones():
     """The refit is stored correctly (bias added to bias-less convs, Gemm alpha/beta undone): with every
-    position used, the repaired model's own held-out error of each layer is the reported one."""
+    position used, the repaired model's own error of each layer on the calibration data is what the moments
+    give for the weights read back, and it is below the unrepaired layer's (a ridge fit never rises in-sample)."""
     prepared = prepare(_odd_layers_model())
     plan, reduced = _pruned(prepared)
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=8)
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, rows=10 ** 7, batch=1)
     assert [(l.node, l.applied) for l in report.layers] == [("conv1", True), ("fc", True)]
     assert "conv1.repair_bias" in {t.name for t in repaired.graph.initializer}
-    held = [calib[i] for i in split_feeds(len(calib))[1]]
-    def output(model, name):
-        return np.concatenate([o[name] for o in intermediate_tensors(model, [name], held)])
 
+    def output(model, name):
+        return np.concatenate([o[name] for o in intermediate_tensors(model, [name], calib)])
+
+    weights = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
     for layer in report.layers:
-        name = next(n for n in prepared.model.graph.node if n.name == layer.node).output[0]
-        original = output(prepared.model, name)
+        node = next(n for n in repaired.graph.node if n.name == layer.node)
+        original = output(prepared.model, node.output[0])
         if layer.node == "conv1":  # its own outputs were pruned too: the target is the kept ones
             gid = int(prepared.analysis.id_group[prepared.analysis.layouts["c1"].ids[0]])
             original = original[:, plan.groups[gid].keep]
-        mine = output(repaired, name)
-        measured = np.linalg.norm(mine - original) / np.linalg.norm(original)
-        assert measured == pytest.approx(layer.error_after, rel=1e-4)
+        mine, before = output(repaired, node.output[0]), output(reduced, node.output[0])
+        assert np.linalg.norm(mine - original) < np.linalg.norm(before - original)
+        x = np.concatenate([o[node.input[0]] for o in intermediate_tensors(repaired, [node.input[0]], calib)])
+        rows = np.arange(mine.size // mine.shape[1])
+        features = layer_rows(Layer(node), x, mine.shape, weights[node.input[1]].shape[2:], rows)
+        predicted = features @ Layer(node).theta(weights)
+        assert np.allclose(predicted, np.moveaxis(mine, 1, -1).reshape(len(rows), -1), atol=1e-4)
 
 
 def test_a_refit_that_does_not_generalise_is_refused():
-    """flatten_gemm: the Gemm reads 16 columns per kept channel (33 features) and sees 36 fit rows (9 feeds of
-    4 samples), so the unregularised refit overfits; the held-out error says so and the old weights stay."""
+    """flatten_gemm: the Gemm reads 16 columns per kept channel (33 features) from 48 samples, so refitting its
+    weights overfits even with some ridge; cross-validation says so: only the bias is refitted (compensation
+    by measured means), the weights stay."""
     prepared = prepare(fixture_path("flatten_gemm"))
     plan, reduced = _pruned(prepared)
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
     [layer] = report.layers
-    assert (layer.features, layer.rows_fit, layer.rows_held) == (33, 36, 12)
-    assert not layer.applied and layer.error_after >= layer.error_before
-    assert [numpy_helper.to_array(t).tolist() for t in repaired.graph.initializer] == \
-        [numpy_helper.to_array(t).tolist() for t in reduced.graph.initializer]
+    assert (layer.features, layer.rows, report.samples, report.folds) == (33, 48, 48, 4)
+    assert np.isinf(layer.ridge) and layer.applied
+    assert layer.error_after == layer.error_compensation < layer.error_before
+    before = {t.name: numpy_helper.to_array(t) for t in reduced.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
+    node = next(n for n in reduced.graph.node if n.op_type == "Gemm")
+    changed = sorted(name for name in before if not np.array_equal(before[name], after[name]))
+    assert changed == [node.input[2]]
+
+
+def test_held_out_folds_follow_the_sources():
+    """Samples from 3 sources, interleaved: with the sources given, each fold holds whole sources."""
+    prepared = prepare(fixture_path("residual_add"))
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=12)
+    sources = np.arange(12) % 3
+    _, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, sources=sources)
+    assert (report.folds, report.split) == (4, "by source")
+    from onnx_prune.passes.repair import LeastSquaresRepairPass
+    folds = LeastSquaresRepairPass(prepared.model, prepared.analysis, plan, calib, sources=sources).fold_of
+    assert [len(set(folds[sources == s].tolist())) for s in range(3)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="2 sources"):
+        repair(prepared.model, reduced, calib, prepared.analysis, plan, sources=np.zeros(12))
 
 
 def test_a_model_that_is_not_the_plans_original_is_refused():
