@@ -36,6 +36,7 @@ class MethodInput:
     opts: PruneOptions
     cost: Cost | None
     _scoring: Scoring | None = field(default=None, repr=False)
+    _latency: object = field(default=None, repr=False)
 
     @property
     def scoring(self) -> Scoring:
@@ -58,7 +59,23 @@ class MethodInput:
 
     def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None) -> Allocator:
         return Allocator(self.prepared.analysis, scores, self.cost_model(), self.constraints.round_to,
-                         self.constraints.max_ratio, cap=cap)
+                         self.constraints.max_ratio, cap=cap, latency=self.latency_model())
+
+    def latency_model(self):
+        """The measured latency model (cached per model and runtime), when the target or round_to="auto" needs it."""
+        if self.constraints.target.kind != "latency" and self.constraints.round_to != "auto":
+            return None
+        if self._latency is None:
+            import sys
+
+            from onnx_prune.runtime.latency_model import load_or_measure
+
+            o = self.opts
+            quiet = getattr(o, "quiet", False)
+            self._latency = load_or_measure(self.prepared.model, self.prepared.analysis, o.provider, o.threads,
+                                            o.latency_batch, table_file=o.latency_table,
+                                            progress=None if quiet else lambda line: print(line, file=sys.stderr))
+        return self._latency
 
 
 class Method:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+def round_to_value(text: str) -> int | str:
+    """--round-to: a positive integer or "auto"."""
+    return text if text == "auto" else int(text)
+
+
 def option(default, help: str, **meta):
     """A dataclass field with its CLI description."""
     if isinstance(default, list):
@@ -47,8 +52,9 @@ class PruneOptions:
                              "(default uniform)", group=CHOICE, choices=["uniform", "global"])
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
-    round_to: int = option(1, "round each kept channel count up to a multiple of N (default 1)", group=CHOICE,
-                           metavar="N")
+    round_to: int | str = option(1, "round each kept channel count up to a multiple of N, or 'auto': the fastest "
+                                 "width at or just below it per the measured latency table (the default with "
+                                 "--target-latency); default 1", group=CHOICE, metavar="N|auto", type=round_to_value)
     exclude: list = option([], "node names (shell wildcards allowed) whose channel groups are left whole",
                            group=CHOICE, nargs="+", metavar="NODE")
     protect_first: bool = option(False, "also leave whole the groups of layers that read the graph input (the "
@@ -140,6 +146,8 @@ def cli_spec(cls=PruneOptions) -> list[tuple[str, str, dict]]:
             for name, conv in (("float", float), ("int", int)):
                 if kind.startswith(name):
                     kwargs["type"] = conv
+        if "type" in meta:
+            kwargs["type"] = meta["type"]
         spec.append((f.name, flag, kwargs))
     return spec
 

@@ -222,12 +222,14 @@ def check_options(opts: PruneOptions) -> None:
     from onnx_prune.methods import method_named
 
     given = [n for n, v in (("--ratio", opts.ratio), ("--target-macs", opts.target_macs),
-                            ("--target-params", opts.target_params)) if v is not None]
+                            ("--target-params", opts.target_params),
+                            ("--target-latency", opts.target_latency)) if v is not None]
     if len(given) > 1:
         raise PruneError(f"give one target, not {' and '.join(given)}")
     if opts.ratio is not None and not 0.0 <= opts.ratio < 1.0:
         raise PruneError(f"--ratio must be in [0, 1), got {opts.ratio}")
-    for name, value in (("--target-macs", opts.target_macs), ("--target-params", opts.target_params)):
+    for name, value in (("--target-macs", opts.target_macs), ("--target-params", opts.target_params),
+                        ("--target-latency", opts.target_latency)):
         if value is not None and not 0.0 < value <= 1.0:
             raise PruneError(f"{name} is the fraction to keep, in (0, 1], got {value}")
     if not 0.0 < opts.max_ratio <= 1.0:
@@ -252,8 +254,13 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
     if opts.ridge < 0:
         raise PruneError(f"--ridge must be >= 0, got {opts.ridge}")
-    if isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1:
-        raise PruneError(f"--round-to must be a positive integer, got {opts.round_to}")
+    if opts.round_to != "auto" and (isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int)
+                                    or opts.round_to < 1):
+        raise PruneError(f"--round-to must be a positive integer or auto, got {opts.round_to}")
+    if opts.latency_batch < 1 or (opts.threads is not None and opts.threads < 1):
+        raise PruneError("--latency-batch and --threads must be positive")
+    if opts.min_speedup is not None and not opts.min_speedup > 0:
+        raise PruneError(f"--min-speedup must be positive, got {opts.min_speedup}")
     if opts.landmarks < 1:
         raise PruneError(f"--landmarks must be positive, got {opts.landmarks}")
     if not opts.bandwidth > 0:
@@ -266,9 +273,13 @@ def constraints_of(opts: PruneOptions) -> Constraints:
     """The options' constraints, with the method's default target where the user gave none."""
     from onnx_prune.methods import method_named
 
-    given = [Target(ratio=opts.ratio), Target(macs=opts.target_macs), Target(params=opts.target_params)]
+    given = [Target(ratio=opts.ratio), Target(macs=opts.target_macs), Target(params=opts.target_params),
+             Target(latency=opts.target_latency)]
     target = next((t for t in given if t.kind is not None), method_named(opts.method).default_target)
-    return Constraints(target, tuple(opts.exclude), opts.protect_first, opts.round_to, opts.max_ratio,
+    round_to = opts.round_to
+    if target.kind == "latency" and round_to == PruneOptions.round_to:  # not set: auto goes with latency targets
+        round_to = "auto"
+    return Constraints(target, tuple(opts.exclude), opts.protect_first, round_to, opts.max_ratio,
                        opts.allocation)
 
 
@@ -429,6 +440,10 @@ def finish_recipe(recipe: Recipe) -> tuple[onnx.ModelProto, PruneReport]:
     summary = summarize(prepared, plan, before)
     constraints = constraints_of(recipe.opts)
     details["target"] = _target_record(constraints.target, before, after, summary)
+    if constraints.target.kind == "latency":  # requested against measured (and predicted) latency
+        from onnx_prune.runtime.latency_model import latency_record
+
+        details["target"].update(latency_record(prepared.model, prepared.analysis, pruned, plan, recipe.opts))
     report = PruneReport(
         prepared.source, dict(recipe.opts.__dict__, target=constraints.target.describe()),
         before.macs if before else 0, after.macs if after else 0,

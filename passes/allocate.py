@@ -1,13 +1,16 @@
 """How many channels each group keeps, and which: from scores and a target to a Plan.
 
 Targets: a channel ratio, or a fraction of the original MACs or parameters to keep (reached within 1% where
-the rounding allows).  Allocation: ``uniform`` (the same share from every group) or ``global`` (one ranking
+the rounding allows), or a fraction of the original's measured latency (greedy on the latency model's
+predictions, `runtime.latency_model`).  ``round_to="auto"``: each count becomes the fastest width at or just
+below it, per the latency model.  Allocation: ``uniform`` (the same share from every group) or ``global`` (one ranking
 of all channels, each score divided by its group's mean so that layers of different scale compare).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -16,6 +19,9 @@ from onnx_prune.analysis.channels import ChannelAnalysis
 from onnx_prune.errors import PruneError
 from onnx_prune.passes.constraints import Target, excluded_groups  # noqa: F401 (re-exported)
 from onnx_prune.passes.plan import GroupPlan, Plan
+
+if TYPE_CHECKING:
+    from onnx_prune.runtime.latency_model import LatencyModel
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TARGET_TOLERANCE = 0.01
@@ -26,8 +32,10 @@ def kept_count(size: int, ratio: float, round_to: int = 1, n_frozen: int = 0) ->
     return round_kept(size, size - math.floor(ratio * size + 1e-9), round_to, n_frozen)
 
 
-def round_kept(size: int, keep: int, round_to: int = 1, n_frozen: int = 0) -> int:
-    if round_to > 1:
+def round_kept(size: int, keep: int, round_to: int | str = 1, n_frozen: int = 0) -> int:
+    """`keep` within [max(frozen, 1), size], rounded up to a multiple of `round_to` ("auto": not rounded here;
+    `Allocator.settle` picks a fast width with the latency model)."""
+    if isinstance(round_to, int) and round_to > 1:
         keep = max(round_to, math.ceil(keep / round_to) * round_to)
     return int(min(size, max(keep, n_frozen, 1)))
 
@@ -97,25 +105,34 @@ class Allocator:
     round_to: int = 1
     max_ratio: float = 1.0               # at most this share of a group goes
     cap: dict[int, int] | None = None    # group -> most channels it may keep (e.g. what merging left)
+    latency: "LatencyModel | None" = None  # runtime.latency_model: for latency targets and round_to="auto"
 
     def _floor(self, group) -> int:
         """Fewest channels a group may keep."""
         cap = group.size - math.floor(self.max_ratio * group.size + 1e-9)
         return max(cap, int(group.frozen.sum()), 1)
 
-    def settle(self, counts: dict[int, int]) -> dict[int, int]:
-        """The counts a Plan will really keep: at least the floor (max-ratio, frozen, one), rounded up."""
+    def settle(self, counts: dict[int, int], snap: bool = True) -> dict[int, int]:
+        """The counts a Plan will really keep: at least the floor (max-ratio, frozen, one), rounded up; with
+        round_to="auto" (and `snap`), the fastest width the latency model finds at or just below the count."""
         out = {}
         for gid, n_keep in counts.items():
             group = self.analysis.groups[gid]
             if self.cap and gid in self.cap:
                 n_keep = min(n_keep, self.cap[gid])
-            out[gid] = round_kept(group.size, max(n_keep, self._floor(group)), self.round_to, int(group.frozen.sum()))
+            floor = self._floor(group)
+            n_keep = round_kept(group.size, max(n_keep, floor), self.round_to, int(group.frozen.sum()))
+            if snap and self.round_to == "auto" and self.latency is not None and n_keep < group.size:
+                n_keep = self.latency.fastest_width(gid, n_keep, n_keep, at_least=floor)
+            out[gid] = n_keep
         return out
 
-    def plan_for_counts(self, counts: dict[int, int], select=None) -> Plan:
+    def _step(self) -> int:
+        return self.round_to if isinstance(self.round_to, int) else 1
+
+    def plan_for_counts(self, counts: dict[int, int], select=None, snap: bool = True) -> Plan:
         plan = Plan()
-        for gid, n_keep in self.settle(counts).items():
+        for gid, n_keep in self.settle(counts, snap).items():
             if n_keep < self.analysis.groups[gid].size:
                 plan.groups[gid] = (select or self._select_top)(self.analysis.groups[gid], n_keep)
         return plan
@@ -157,13 +174,15 @@ class Allocator:
     def allocate(self, target: Target, allocation: str = "uniform", select=None) -> Plan:
         """The Plan for `target`: counts per group first (cheap), then `select` (default: the top scores) picks
         and folds the channels of each shrinking group once."""
-        return self.plan_for_counts(self.counts_for(target, allocation), select)
+        return self.plan_for_counts(self.counts_for(target, allocation), select, snap=target.kind != "latency")
 
     def counts_for(self, target: Target, allocation: str = "uniform") -> dict[int, int]:
         if allocation not in ("uniform", "global"):
             raise PruneError(f"unknown allocation '{allocation}' (uniform or global)")
         if target.kind is None:
             return {gid: self.analysis.groups[gid].size for gid in self.scores}
+        if target.kind == "latency":
+            return self.latency_counts(target.latency)
         order = self.global_order() if allocation == "global" else None
         if target.ratio is not None:
             if allocation == "uniform":
@@ -211,8 +230,8 @@ class Allocator:
             down = fraction > goal
             moves = []
             for gid, n in sorted(counts.items()):
-                new = self.settle({gid: n - self.round_to if down else n + self.round_to})[gid]
-                if new == n or (not down and new > n + self.round_to):
+                new = self.settle({gid: n - self._step() if down else n + self._step()}, snap=False)[gid]
+                if new == n or (not down and new > n + self._step()):
                     continue
                 lo, hi = min(n, new), max(n, new)
                 value = float(ranked[gid][lo:hi].mean()) if hi > lo else 0.0
@@ -222,12 +241,39 @@ class Allocator:
             _, gid, new = min(moves)
             stepped = {**counts, gid: new}
             after = self.fraction(stepped, target)
+            if (after > goal) != down and abs(after - goal) > goal * TARGET_TOLERANCE:
+                # the best-scoring step overshoots: take the best-scoring one that lands within tolerance, or
+                # else the one landing closest (a smaller group, a cheaper layer)
+                tolerance = goal * TARGET_TOLERANCE
+                landed = []
+                for value, g, n in sorted(moves):
+                    a = self.fraction({**counts, g: n}, target)
+                    miss = abs(a - goal)
+                    landed.append((miss > tolerance, miss if miss > tolerance else 0.0, value, g, n, a))
+                _, _, _, gid, new, after = min(landed, key=lambda x: x[:3])
+                stepped = {**counts, gid: new}
             if (after > goal) != down:  # crossed: keep whichever side is closer
                 if abs(after - goal) < abs(fraction - goal):
                     counts, fraction = stepped, after
                 break
             counts, fraction = stepped, after
         return counts
+
+    def latency_counts(self, fraction: float) -> dict[int, int]:
+        """Counts whose predicted latency is at most `fraction` of the original's measured one: greedy on score
+        lost per predicted millisecond saved (`runtime.latency_model.latency_counts`); groups move in steps of
+        round_to, or to the fastest nearby width with round_to="auto"."""
+        from onnx_prune.runtime.latency_model import GroupChoice, latency_counts, normalise_scores
+
+        if self.latency is None:
+            raise PruneError("--target-latency needs the latency model of this model (none was measured)")
+        groups = {}
+        for gid, score in sorted(self.scores.items()):
+            group = self.analysis.groups[gid]
+            cap = self.cap.get(gid) if self.cap else None
+            groups[gid] = GroupChoice(group.size, self._floor(group), normalise_scores(score, group.frozen),
+                                      group.frozen, cap)
+        return latency_counts(self.latency, groups, fraction * self.latency.original_ms, self.round_to)
 
     def _normalised_ranking(self, gid: int) -> np.ndarray:
         """Group-normalised scores, frozen channels first (kept always), then the others best first: the

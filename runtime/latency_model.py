@@ -58,11 +58,25 @@ WINDOW = 32                   # fastest_width looks this many counts below the a
 
 
 def unit_for(full: int) -> int:
-    """The alignment a layer of `full` channels is measured at: 32 for wide layers, less for narrow ones."""
+    """The alignment a layer of `full` channels is measured at: the largest power of two up to 32 that fits
+    twice in it (vector blocks are 8 or 16 channels, so a 16-channel layer is measured at 8 and 16)."""
     unit = 1
-    while unit * 2 <= MAX_UNIT and unit * 2 * 4 <= full:
+    while unit * 2 <= MAX_UNIT and unit * 2 * 2 <= full:
         unit *= 2
     return unit
+
+
+def monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (pool adjacent violators): an aligned layer does not get faster with
+    more channels, so a dip in the measured base is noise."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
 
 
 def alignment(width: int, unit: int) -> int:
@@ -116,15 +130,15 @@ class Curve:
 
 
 def fit_curve(full: int, widths: list[int], ms: list[float]) -> Curve:
-    """Piecewise-linear base through the aligned points (and the full width) plus a penalty per alignment
-    class measured at the probes.  A class without a probe takes the penalty of the nearest smaller class
+    """Piecewise-linear base through the aligned points (and the full width), made non-decreasing, plus a
+    penalty (at least 1) per alignment class measured at the probes.  A class without a probe takes the penalty of the nearest smaller class
     that has one (none: 1).  Deterministic: only the numbers decide."""
     unit = unit_for(full)
     points = sorted(zip((int(w) for w in widths), (float(m) for m in ms)))
     base = [(w, m) for w, m in points if alignment(w, unit) >= unit or w == full]
     if not base:
         base = points
-    base_curve = Curve(full, unit, tuple(w for w, _ in base), tuple(m for _, m in base), {})
+    base_curve = Curve(full, unit, tuple(w for w, _ in base), tuple(monotone([m for _, m in base])), {})
     ratios: dict[int, list[float]] = {}
     for w, m in points:
         a = alignment(w, unit)
@@ -134,8 +148,8 @@ def fit_curve(full: int, widths: list[int], ms: list[float]) -> Curve:
                 ratios.setdefault(a, []).append(m / reference)
     penalty, last = {}, 1.0
     for a in (2 ** i for i in range(int(math.log2(unit)) if unit > 1 else 0)):
-        if a in ratios:
-            last = float(np.median(ratios[a]))
+        if a in ratios:  # never below 1: a misaligned width that measures faster is noise, not a kernel
+            last = max(1.0, float(np.median(ratios[a])))
         penalty[a] = last
     return Curve(full, unit, base_curve.base_widths, base_curve.base_ms, penalty)
 
@@ -273,6 +287,11 @@ class GroupChoice:
     floor: int
     normalised_scores: np.ndarray
     frozen: np.ndarray | None = None
+    cap: int | None = None        # most channels it may keep (e.g. what merging left); None: its size
+
+    @property
+    def start(self) -> int:
+        return self.size if self.cap is None else max(self.floor, min(self.size, self.cap))
 
     def removal_costs(self) -> np.ndarray:
         """Cumulative cost of removing the cheapest free channels: costs[j] = cost of removing j of them."""
@@ -314,10 +333,10 @@ def latency_counts(model: LatencyModel, groups: dict[int, GroupChoice], target_m
     the group whose next step down loses the least score per predicted millisecond saved shrinks.  Steps
     that save no time are never taken; when none is left the counts stop where they are (the caller reports
     the predicted latency).  Deterministic: ties go to the lower group id."""
-    counts = {gid: g.size for gid, g in groups.items()}
+    counts = {gid: g.start for gid, g in groups.items()}
     if round_to != "auto" and int(round_to) > 1:  # start from counts the rounding allows
-        counts = {gid: min(g.size, max(g.floor, math.ceil(g.size / int(round_to)) * int(round_to)))
-                  for gid, g in groups.items()}
+        counts = {gid: min(g.size, max(g.floor, math.ceil(k / int(round_to)) * int(round_to)))
+                  for gid, (g, k) in ((gid, (groups[gid], k)) for gid, k in counts.items())}
     costs = {gid: g.removal_costs() for gid, g in groups.items()}
     frozen_n = {gid: int(g.frozen.sum()) if g.frozen is not None else 0 for gid, g in groups.items()}
     neighbours: dict[int, set[int]] = {gid: set() for gid in groups}
@@ -434,7 +453,11 @@ class _LayerSpec:
 
 
 class _Timer:
-    """Builds and times the tiny graphs; adapter baselines are cached per (width, spatial size)."""
+    """Builds the tiny graphs and times them in interleaved rounds.
+
+    All graphs of one axis (every width, plus the adapter baselines not measured yet) get their sessions
+    first; then each round runs every one of them once, and a graph's time is the QUANTILE of its rounds.
+    Load from other processes thus falls on all widths alike instead of on whichever ran during a burst."""
 
     def __init__(self, provider: str, threads: int | None, repeat: int, opset: int, seed: int = 0):
         self.provider, self.threads, self.repeat, self.opset = provider, threads, repeat, opset
@@ -442,26 +465,40 @@ class _Timer:
         self.baselines: dict[tuple, float] = {}
         self.measured = 0
 
+    def time_all(self, graphs: list[tuple[onnx.ModelProto, dict]], warmup: int = 2) -> list[float]:
+        from .sessions import _session_options
+
+        options = _session_options(self.threads)
+        sessions = [ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                         providers=provider_chain(self.provider)) for model, _ in graphs]
+        for session, (_, feed) in zip(sessions, graphs):
+            for _ in range(warmup):
+                session.run(None, feed)
+        timings = np.empty((len(graphs), self.repeat))
+        for round_index in range(self.repeat):
+            for index, (session, (_, feed)) in enumerate(zip(sessions, graphs)):
+                began = time.perf_counter()
+                session.run(None, feed)
+                timings[index, round_index] = time.perf_counter() - began
+        self.measured += len(graphs)
+        return [float(np.quantile(row, QUANTILE)) * 1e3 for row in timings]
+
     def _adapter(self, name, cin, cout, src, dst):
         w = numpy_helper.from_array(_rand(self.rng, [cout, cin, 1, 1]), f"{name}_w")
         return helper.make_node("Conv", [src, w.name], [dst], name=name, kernel_shape=[1, 1]), w
 
-    def baseline(self, width: int, batch: int, spatial: tuple[int, ...]) -> float:
-        """Time of the two adapters alone around `width` channels (A -> width -> A)."""
-        key = (width, batch, spatial)
-        if key not in self.baselines:
-            a = ADAPTER_CHANNELS
-            n1, w1 = self._adapter("adapt_in", a, width, "x", "mid")
-            n2, w2 = self._adapter("adapt_out", width, a, "mid", "y")
-            model = _tiny_model([n1, n2], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                         [batch, a, *spatial])],
-                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w1, w2], self.opset)
-            feed = {"x": _rand(self.rng, [batch, a, *spatial])}
-            self.baselines[key] = _timed_ms(model, feed, self.provider, self.threads, self.repeat)
-            self.measured += 1
-        return self.baselines[key]
+    def baseline_graph(self, key: tuple) -> tuple[onnx.ModelProto, dict]:
+        """The two adapters alone around `width` channels (A -> width -> A)."""
+        width, batch, spatial = key
+        a = ADAPTER_CHANNELS
+        n1, w1 = self._adapter("adapt_in", a, width, "x", "mid")
+        n2, w2 = self._adapter("adapt_out", width, a, "mid", "y")
+        model = _tiny_model([n1, n2], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, a, *spatial])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w1, w2], self.opset)
+        return model, {"x": _rand(self.rng, [batch, a, *spatial])}
 
-    def conv(self, spec: _LayerSpec, cin: int, cout: int, out_spatial: tuple[int, ...]) -> float:
+    def conv_graph(self, spec: _LayerSpec, cin: int, cout: int, out_spatial: tuple[int, ...]):
+        """(model, feed, baseline keys to subtract half of each) for the layer at these widths."""
         node, w_full = spec.node, spec.weight
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         depthwise = group > 1 and w_full.shape[1] == 1 and group == w_full.shape[0]
@@ -479,13 +516,11 @@ class _Timer:
         batch, spatial = spec.input_dims[0], tuple(spec.input_dims[2:])
         a = ADAPTER_CHANNELS
         use_in = cin >= a  # a stem reading a few input channels reads the graph input directly
-        nodes, source = [], "x"
+        nodes = []
         if use_in:
             n, w = self._adapter("adapt_in", a, cin, "x", "conv_in")
             nodes.append(n)
             inits.append(w)
-        else:
-            source = "conv_in"
         x_channels = a if use_in else cin
         nodes.append(helper.make_node("Conv", inputs, ["conv_out"], name="layer", **attrs))
         last = "conv_out"
@@ -504,14 +539,10 @@ class _Timer:
                                                                   [batch, x_channels, *spatial])],
                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, self.opset)
         feed = {x_name: _rand(self.rng, [batch, x_channels, *spatial])}
-        total = _timed_ms(model, feed, self.provider, self.threads, self.repeat)
-        self.measured += 1
-        adapters = 0.5 * self.baseline(cout, batch, out_spatial)
-        if use_in:
-            adapters += 0.5 * self.baseline(cin, batch, spatial)
-        return max(total - adapters, 0.0)
+        keys = [(cout, batch, out_spatial)] + ([(cin, batch, spatial)] if use_in else [])
+        return model, feed, keys
 
-    def dense(self, spec: _LayerSpec, k: int, n: int) -> float:
+    def dense_graph(self, spec: _LayerSpec, k: int, n: int):
         """Gemm / MatMul with a constant weight: input [..., k] -> [..., n], timed alone."""
         node = spec.node
         lead = list(spec.input_dims[:-1])
@@ -531,8 +562,16 @@ class _Timer:
         layer = helper.make_node(node.op_type, inputs, ["y"], name="layer", **attrs)
         model = _tiny_model([layer], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, self.opset)
-        self.measured += 1
-        return _timed_ms(model, {"x": _rand(self.rng, [*lead, k])}, self.provider, self.threads, self.repeat)
+        return model, {"x": _rand(self.rng, [*lead, k])}, []
+
+    def measure(self, built: list[tuple]) -> list[float]:
+        """Times of the layers built by conv_graph / dense_graph, adapters subtracted (never below zero)."""
+        missing = sorted({key for _, _, keys in built for key in keys if key not in self.baselines})
+        graphs = [(model, feed) for model, feed, _ in built] + [self.baseline_graph(key) for key in missing]
+        times = self.time_all(graphs)
+        self.baselines.update(zip(missing, times[len(built):]))
+        return [max(total - 0.5 * sum(self.baselines[key] for key in keys), 0.0)
+                for total, (_, _, keys) in zip(times, built)]
 
 
 def _layer_specs(model: onnx.ModelProto, dims: dict) -> dict[str, _LayerSpec]:
@@ -628,11 +667,11 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
             if depthwise:
                 terms = out_terms or in_terms
                 ws = widths_to_measure(cout)
-                ms = [timer.conv(spec, w, w, out_spatial) for w in ws]
+                ms = timer.measure([timer.conv_graph(spec, w, w, out_spatial) for w in ws])
                 entry = {"op": "Conv", "kind": "same", "out": {"full": cout, "widths": ws, "ms": ms, "terms": terms}}
                 entry["full_ms"] = ms[ws.index(cout)]
             elif group > 1:
-                full_ms = timer.conv(spec, cin, cout, out_spatial)
+                full_ms = timer.measure([timer.conv_graph(spec, cin, cout, out_spatial)])[0]
                 entry = {"op": "Conv", "kind": "linear", "full_ms": full_ms,
                          "out": {"full": cout, "widths": [cout], "ms": [full_ms], "terms": out_terms or in_terms}}
             else:
@@ -640,13 +679,12 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
                 full_ms = None
                 if out_terms is not None:
                     ws = widths_to_measure(cout)
-                    ms = [timer.conv(spec, cin, w, out_spatial) for w in ws]
+                    ms = timer.measure([timer.conv_graph(spec, cin, w, out_spatial) for w in ws])
                     entry["out"] = {"full": cout, "widths": ws, "ms": ms, "terms": out_terms}
                     full_ms = ms[ws.index(cout)]
                 if in_terms is not None:
                     ws = widths_to_measure(cin)
-                    ms = [timer.conv(spec, w, cout, out_spatial) if w != cin or full_ms is None else full_ms
-                          for w in ws]
+                    ms = timer.measure([timer.conv_graph(spec, w, cout, out_spatial) for w in ws])
                     entry["in"] = {"full": cin, "widths": ws, "ms": ms, "terms": in_terms}
                     full_ms = ms[ws.index(cin)] if full_ms is None else full_ms
                 entry["full_ms"] = full_ms
@@ -658,12 +696,12 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
             full_ms = None
             if out_terms is not None:
                 ws = widths_to_measure(n)
-                ms = [timer.dense(spec, k, w) for w in ws]
+                ms = timer.measure([timer.dense_graph(spec, k, w) for w in ws])
                 entry["out"] = {"full": n, "widths": ws, "ms": ms, "terms": out_terms}
                 full_ms = ms[ws.index(n)]
             if in_terms is not None:
                 ws = widths_to_measure(k)
-                ms = [timer.dense(spec, w, n) if w != k or full_ms is None else full_ms for w in ws]
+                ms = timer.measure([timer.dense_graph(spec, w, n) for w in ws])
                 entry["in"] = {"full": k, "widths": ws, "ms": ms, "terms": in_terms}
                 full_ms = ms[ws.index(k)] if full_ms is None else full_ms
             entry["full_ms"] = full_ms
@@ -756,6 +794,21 @@ def load_or_measure(model: onnx.ModelProto, analysis, provider: str = "cpu", thr
     if table_file is not None:
         _write_atomic(Path(table_file), json.dumps(table, indent=1, sort_keys=True))
     return LatencyModel(table)
+
+
+def latency_record(original: onnx.ModelProto, analysis, pruned: onnx.ModelProto, plan, opts) -> dict:
+    """For a latency target: the pruned model's measured latency as a share of the original's (both timed in
+    alternation on the options' provider, threads and batch), next to the latency model's prediction."""
+    from .bench import check_speedup
+
+    latency = load_or_measure(original, analysis, opts.provider, opts.threads, opts.latency_batch,
+                              table_file=opts.latency_table)
+    counts = {gid: len(group_plan.keep) for gid, group_plan in plan.groups.items()}
+    predicted = latency.predict(counts)
+    check = check_speedup(original, pruned, opts.provider, opts.threads, opts.latency_batch, predicted_ms=predicted)
+    return {"achieved": check.pruned_ms / check.original_ms, "predicted": predicted / latency.original_ms,
+            "original_ms": check.original_ms, "pruned_ms": check.pruned_ms, "predicted_ms": predicted,
+            "speed_check": check.to_dict()}
 
 
 def _write_atomic(path: Path, text: str) -> None:

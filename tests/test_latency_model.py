@@ -38,7 +38,7 @@ def synthetic_ms(width, unit, slope=0.01, offset=0.05):
 
 
 def test_units_and_measured_widths():
-    assert [unit_for(c) for c in (3, 8, 16, 32, 64, 128, 2048)] == [1, 2, 4, 8, 16, 32, 32]
+    assert [unit_for(c) for c in (3, 8, 16, 32, 64, 128, 2048)] == [1, 4, 8, 16, 32, 32, 32]
     assert [alignment(w, 32) for w in (1, 6, 12, 40, 48, 64, 96)] == [1, 2, 4, 8, 16, 32, 32]
     widths = widths_to_measure(256)
     assert widths[-1] == 256 and widths[0] == 32
@@ -64,10 +64,18 @@ def test_fit_recovers_a_piecewise_linear_kernel_with_alignment_steps():
 
 
 def test_fit_without_probes_has_no_penalty_and_extrapolates_proportionally():
-    curve = fit_curve(64, [16, 32, 64], [1.0, 2.0, 4.0])
-    assert curve.penalty == {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}
+    curve = fit_curve(64, [32, 64], [2.0, 4.0])
+    assert curve.penalty == {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}
     assert curve.ms(8) == pytest.approx(0.5)
     assert curve.ms(48) == pytest.approx(3.0)
+
+
+def test_fit_takes_noise_out_of_the_base_and_the_penalties():
+    # an aligned width measured faster than a narrower one, and a misaligned one measured faster than its base
+    curve = fit_curve(128, [32, 64, 65, 96, 128], [1.0, 2.2, 1.5, 1.8, 4.0])
+    assert list(curve.base_ms) == pytest.approx([1.0, 2.0, 2.0, 4.0])
+    assert curve.penalty[1] == 1.0
+    assert lm.monotone([3.0, 1.0, 2.0, 5.0]) == pytest.approx([2.0, 2.0, 2.0, 5.0])
 
 
 def _layer(full, terms, kind="dense", axis="out", offset=0.05, slope=0.01):
@@ -91,7 +99,7 @@ def stub_table(fixed=1.0, scale=1.0):
         "conv_b": dict(_layer(64, _terms(64, 1)), **{"in": _layer(64, _terms(64, 0), axis="in")["in"]}),
         "dw": _layer(64, _terms(64, 1), kind="same", slope=0.002),
     }
-    nodes["conv_b"]["full_ms"] = synthetic_ms(64, 16)
+    nodes["conv_b"]["full_ms"] = synthetic_ms(64, 32)
     return {"version": lm.TABLE_VERSION, "nodes": nodes,
             "calibration": {"fixed_ms": fixed, "scale": scale,
                             "points": [{"share": 1.0, "counts": {}, "measured_ms": 0.0, "layers_ms": 0.0}]}}
@@ -103,9 +111,10 @@ def test_predict_sums_layers_with_dense_layers_scaling_in_both_widths():
     layers = sum(entry["full_ms"] for entry in model.table["nodes"].values())
     assert full == pytest.approx(1.0 + 2.0 * layers)
     counts = {0: 32, 1: 48}
-    a = synthetic_ms(32, 16)
-    b = synthetic_ms(64, 16) * (synthetic_ms(48, 16) / synthetic_ms(64, 16)) * (synthetic_ms(32, 16) / synthetic_ms(64, 16))
-    dw = synthetic_ms(48, 16, 0.002)
+    u = unit_for(64)
+    a = synthetic_ms(32, u)
+    b = synthetic_ms(64, u) * (synthetic_ms(48, u) / synthetic_ms(64, u)) * (synthetic_ms(32, u) / synthetic_ms(64, u))
+    dw = synthetic_ms(48, u, 0.002)
     assert model.predict(counts) == pytest.approx(1.0 + 2.0 * (a + b + dw))
     assert model.predict({0: 64, 1: 64}) == pytest.approx(full)  # absent groups are whole
     assert model.by_group == {0: ["conv_a", "conv_b"], 1: ["conv_b", "dw"]}
@@ -164,7 +173,7 @@ def test_auto_rounding_beats_plain_steps_when_misaligned_widths_are_slow():
     target = 0.6 * model.predict({})
     auto = latency_counts(model, groups, target, "auto")
     plain = latency_counts(model, groups, target, 1)
-    assert all(alignment(k, 16) >= 8 for k in auto.values())
+    assert all(alignment(k, 32) >= 16 for k in auto.values())
     assert sum(auto.values()) >= sum(plain.values())  # the same time keeps at least as many channels
 
 
@@ -252,3 +261,129 @@ def test_measured_table_covers_every_layer_a_group_changes(monkeypatch, tmp_path
     model = LatencyModel(json.loads(json.dumps(table)))
     assert [p["share"] for p in table["calibration"]["points"]] == [1.0, 0.6]
     assert math.isfinite(model.predict({g.id: 1 for g in prepared.analysis.prunable_groups}))
+
+
+def plain_cnn(widths=(64, 96, 128), residual=True, size=8):
+    """Conv-BN-free chain: stem 3 -> widths[0], then 3x3 convs; with `residual`, each pair of equal widths adds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, current, channels = [], [], "x", 3
+    for index, width in enumerate(widths):
+        w = numpy_helper.from_array(rng.standard_normal([width, channels, 3, 3]).astype(np.float32) * 0.1, f"w{index}")
+        inits.append(w)
+        nodes.append(helper.make_node("Conv", [current, w.name], [f"c{index}"], name=f"conv{index}", pads=[1] * 4))
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"], name=f"relu{index}"))
+        out = f"r{index}"
+        if residual and index > 0 and width == channels:
+            nodes.append(helper.make_node("Add", [out, current], [f"a{index}"], name=f"add{index}"))
+            out = f"a{index}"
+        current, channels = out, width
+    nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"))
+    fc = numpy_helper.from_array(rng.standard_normal([10, channels]).astype(np.float32), "fc_w")
+    inits.append(fc)
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w"], ["y"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def synthetic_table_for(prepared, original_ms=10.0):
+    """A table shaped like a measured one for this model, with kernel times that follow MACs and are slower at
+    misaligned widths (synthetic_ms), calibrated so that the whole model takes `original_ms`."""
+    from onnx_prune.runtime.cost import infer_shapes
+
+    prunable = {g.id for g in prepared.analysis.prunable_groups}
+    dims = infer_shapes(prepared.model, None, 1)
+    nodes = {}
+    for name, spec in lm._layer_specs(prepared.model, dims).items():
+        out_terms = lm._width_terms(prepared.analysis, spec.node.output[0], prunable)
+        in_terms = lm._width_terms(prepared.analysis, spec.node.input[0], prunable)
+        if out_terms is None and in_terms is None:
+            continue
+        entry = {"op": spec.node.op_type, "kind": "dense"}
+        cin = spec.input_dims[1]
+        cout = spec.weight.shape[0]
+        for axis, terms, full in (("out", out_terms, cout), ("in", in_terms, cin)):
+            if terms is not None:
+                widths = widths_to_measure(full)
+                entry[axis] = {"full": full, "widths": widths, "terms": terms,
+                               "ms": [synthetic_ms(w, unit_for(full), 0.001 * (cin if axis == "out" else cout), 0.0)
+                                      for w in widths]}
+        entry["full_ms"] = synthetic_ms(cout, unit_for(cout), 0.001 * cin, 0.0)
+        nodes[name] = entry
+    table = {"version": lm.TABLE_VERSION, "nodes": nodes,
+             "calibration": {"fixed_ms": 0.0, "scale": 1.0, "points": []}}
+    layers = LatencyModel(dict(table, calibration={"fixed_ms": 0.0, "scale": 1.0, "points": [{}]})).layers_ms({})
+    fixed = 0.1 * original_ms
+    table["calibration"] = {"fixed_ms": fixed, "scale": (original_ms - fixed) / layers,
+                            "points": [{"share": 1.0, "counts": {}, "measured_ms": original_ms, "layers_ms": layers}]}
+    return table
+
+
+@pytest.mark.parametrize("round_to", ["auto", 1, 8])
+@pytest.mark.parametrize("fraction", [0.7, 0.5])
+def test_allocator_meets_a_latency_target_on_a_stub_latency_model(round_to, fraction):
+    from onnx_prune.passes.allocate import Allocator
+    from onnx_prune.passes.constraints import Target
+
+    prepared = onnx_prune.prepare(plain_cnn(widths=(64, 96, 96, 128)))
+    stub = LatencyModel(synthetic_table_for(prepared))
+    rng = np.random.default_rng(1)
+    scores = {g.id: rng.random(g.size) for g in prepared.analysis.prunable_groups}
+    allocator = Allocator(prepared.analysis, scores, None, round_to, latency=stub)
+    plan = allocator.allocate(Target(latency=fraction))
+    counts = {gid: len(p.keep) for gid, p in plan.groups.items()}
+    predicted = stub.predict(counts)
+    assert predicted <= fraction * stub.original_ms
+    assert predicted >= 0.8 * fraction * stub.original_ms  # no needless over-pruning
+    for gid, keep in ((g, p.keep) for g, p in plan.groups.items()):
+        top = np.sort(np.argsort(-scores[gid], kind="stable")[:len(keep)])
+        assert keep.tolist() == top.tolist()  # the best-scoring channels stay
+        if isinstance(round_to, int) and round_to > 1:
+            assert len(keep) % round_to == 0
+        if round_to == "auto":
+            assert alignment(len(keep), unit_for(prepared.analysis.groups[gid].size)) >= 16
+
+
+def test_auto_rounding_of_a_mac_target_snaps_down_to_fast_widths():
+    from onnx_prune.passes.allocate import Allocator
+
+    prepared = onnx_prune.prepare(plain_cnn(widths=(64, 96, 96, 128)))
+    stub = LatencyModel(synthetic_table_for(prepared))
+    scores = {g.id: np.arange(g.size, dtype=float) for g in prepared.analysis.prunable_groups}
+    allocator = Allocator(prepared.analysis, scores, None, "auto", latency=stub)
+    asked = {gid: prepared.analysis.groups[gid].size - 5 for gid in scores}
+    settled = allocator.settle(asked)
+    for gid, count in settled.items():
+        assert count <= asked[gid]
+        assert count % 16 == 0
+        assert settled[gid] == stub.fastest_width(gid, asked[gid], asked[gid], at_least=1)
+
+
+def test_prune_with_a_latency_target_uses_a_given_table(tmp_path, monkeypatch):
+    """End to end through prune(): the latency model comes from --latency-table; the achieved latency is
+    measured (its value is not asserted), the prediction is deterministic."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = plain_cnn(widths=(64, 96, 96, 128))
+    prepared = onnx_prune.prepare(model)
+    table = synthetic_table_for(prepared)
+    table["key"] = cache_key(model_hash(prepared.model), "cpu", 1, 1)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(lm, "measure_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    outputs = []
+    for _ in range(2):
+        pruned, report = onnx_prune.prune(model, target_latency=0.6, threads=1, latency_table=str(path))
+        outputs.append(pruned.SerializeToString())
+        record = report.details["target"]
+        assert record["kind"] == "latency" and record["predicted"] <= 0.6
+        assert record["speed_check"]["runs"] > 0 and record["achieved"] > 0
+        onnx.checker.check_model(pruned, full_check=True)
+    assert outputs[0] == outputs[1]
+    assert report.options["round_to"] == 1  # the option as given; the constraint resolved it to auto
+    with pytest.raises(PruneError, match="give one target"):
+        onnx_prune.prune(model, target_latency=0.6, target_macs=0.5)
+    with pytest.raises(PruneError, match="--target-latency is the fraction to keep"):
+        onnx_prune.prune(model, target_latency=1.5)
