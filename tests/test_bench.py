@@ -99,3 +99,31 @@ def test_runtime_versions():
     versions = runtime_versions()
     assert set(versions) == {"onnx", "onnxruntime", "numpy", "python", "platform", "available_providers"}
     assert CPU in versions["available_providers"]
+
+
+def test_check_speedup_times_both_models_alternately():
+    from onnx_prune.runtime.bench import check_speedup
+
+    check = check_speedup(_conv_model(), _conv_model(), "cpu", threads=1, batch=2, repeat=4, warmup=1)
+    assert (check.provider, check.batch, check.threads, check.runs) == (CPU, 2, 1, 4)
+    assert check.original_ms > 0 and check.pruned_ms > 0
+    assert check.speedup == pytest.approx(check.original_ms / check.pruned_ms)
+    assert json.loads(json.dumps(check.to_dict()))["speedup"] == pytest.approx(check.speedup)
+    with pytest.raises(ValueError, match="repeat must be at least 1"):
+        check_speedup(_conv_model(), _conv_model(), repeat=0)
+
+
+def test_speed_verdict_warns_when_slower_and_fails_below_min_speedup():
+    from onnx_prune.runtime.bench import EXIT_TOO_SLOW, SpeedupCheck
+
+    slower = SpeedupCheck(CPU, 1, 2, original_ms=10.0, pruned_ms=12.5, runs=20, predicted_ms=7.0)
+    assert slower.speedup == pytest.approx(0.8)
+    message, status = slower.verdict()
+    assert status == 0 and "SLOWER than the original" in message and "predicted 7.00 ms" in message
+    message, status = slower.verdict(min_speedup=1.0)
+    assert status == EXIT_TOO_SLOW == 4 and "below --min-speedup 1" in message
+    faster = SpeedupCheck(CPU, 8, None, original_ms=10.0, pruned_ms=8.0, runs=20)
+    assert faster.verdict() == (None, 0)
+    assert faster.verdict(min_speedup=1.2) == (None, 0)
+    message, status = faster.verdict(min_speedup=1.5)
+    assert status == 4 and "speed-up 1.25x" in message
