@@ -79,11 +79,23 @@ def prototypes(filters: FilterSet) -> np.ndarray:
 
 
 def nearest_exact(proto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest neighbour of each prototype and its cosine distance 1 - |cos|, from the full matrix."""
-    distance = 1.0 - np.abs(proto @ proto.T)
-    np.fill_diagonal(distance, np.inf)
-    neighbour = np.argmin(distance, axis=1)
-    return neighbour, distance[np.arange(len(proto)), neighbour]
+    """Nearest neighbour of each prototype and its cosine distance 1 - |cos|, from the exact similarities
+    (computed block by block: no n x n matrix is held)."""
+    return _blocked_nearest(proto)
+
+
+def _blocked_nearest(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest other row by |cos| and its distance 1 - |cos|, for unit rows, by blocks of matrix products."""
+    n = len(unit)
+    rows = np.arange(n)
+    neighbour, distance = np.empty(n, dtype=np.int64), np.empty(n)
+    for begin in range(0, n, SEARCH_BLOCK):
+        block = rows[begin:begin + SEARCH_BLOCK]
+        cosine = np.abs(unit[block] @ unit.T)
+        cosine[np.arange(len(block)), block] = -np.inf
+        neighbour[block] = np.argmax(cosine, axis=1)
+        distance[block] = np.clip(1.0 - cosine[np.arange(len(block)), neighbour[block]], 0.0, None)
+    return neighbour, distance
 
 
 RANK_TOLERANCE = 1e-7    # pivoted-QR diagonal below this share of the largest: beyond the numerical rank
@@ -139,23 +151,16 @@ def _factor(proto: np.ndarray, pivots: np.ndarray, rank: int, landmarks: int | N
 
 def _nearest_in_factor(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest other row by |cos| and its distance 1 - |cos|, for unit rows: a k-d tree in few dimensions,
-    a blocked matrix product otherwise (no n x n matrix held)."""
+    blocked matrix products otherwise."""
+    if unit.shape[1] > KD_TREE_DIMS:
+        return _blocked_nearest(unit)
     n = len(unit)
     rows = np.arange(n)
-    if unit.shape[1] <= KD_TREE_DIMS:
-        tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
-        chord, index = tree.query(unit, k=3, workers=-1)
-        other = (index % n) != rows[:, None]  # drop the filter itself (at distance 0)
-        pick = np.argmax(other, axis=1)
-        return index[rows, pick] % n, np.clip(chord[rows, pick] ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
-    neighbour, distance = np.empty(n, dtype=np.int64), np.empty(n)
-    for begin in range(0, n, SEARCH_BLOCK):
-        block = rows[begin:begin + SEARCH_BLOCK]
-        cosine = np.abs(unit[block] @ unit.T)
-        cosine[np.arange(len(block)), block] = -np.inf
-        neighbour[block] = np.argmax(cosine, axis=1)
-        distance[block] = np.clip(1.0 - cosine[np.arange(len(block)), neighbour[block]], 0.0, None)
-    return neighbour, distance
+    tree = cKDTree(np.vstack([unit, -unit]))  # |cos| is largest for the nearest of f and -f
+    chord, index = tree.query(unit, k=3, workers=-1)
+    other = (index % n) != rows[:, None]  # drop the filter itself (at distance 0)
+    pick = np.argmax(other, axis=1)
+    return index[rows, pick] % n, np.clip(chord[rows, pick] ** 2 / 2, 0.0, None)  # chord^2 = 2 - 2|cos|
 
 
 def nystrom_neighbours(proto: np.ndarray, landmarks: int | None = None) -> NystromFit:
@@ -204,7 +209,16 @@ CRITERIA: dict[str, Callable[..., np.ndarray]] = {
     "l1": l1, "l2": l2, "fpgm": fpgm, "random": random_scores, "similarity": similarity, "nystrom": nystrom,
 }
 BN_CRITERION = "bn"  # |gamma| of the BatchNormalizations on each channel (l2 where a group has none)
-CRITERION_NAMES = tuple(CRITERIA) + (BN_CRITERION,)
+VARIANCE_CRITERION = "bnvar"  # Var[what consumers read] x their squared weights: output error after compensation
+CRITERION_NAMES = tuple(CRITERIA) + (BN_CRITERION, VARIANCE_CRITERION)
+COMPARABLE_ACROSS_GROUPS = frozenset({VARIANCE_CRITERION})
+
+
+def comparable_across_groups(criterion: str) -> bool:
+    """Are `criterion`'s scores in the same units in every group?  bnvar's are (the expected squared error it
+    adds to the consumers' outputs), so global allocation can rank channels of different groups directly;
+    the others need their group's scale divided out ("score / group mean")."""
+    return criterion in COMPARABLE_ACROSS_GROUPS
 AGGREGATIONS = ("first", "domino-o", "domino-io", "mean", "max")
 
 
@@ -309,22 +323,48 @@ def _accumulate(size: int, filters: FilterSet, scores: np.ndarray) -> np.ndarray
 @dataclass
 class Scoring:
     """What criteria read besides the group: weights, the BatchNorms of the graph, seed, Nystrom landmarks
-    (None: the prototypes' rank), how BatchNorm enters the filters (`BN_MODES`).  `notes` collects what the
-    criteria measured on the way (``notes["nystrom"][layer]``: the approximation's rank, landmarks and
-    measured error), for the report."""
+    (None: the prototypes' rank), how BatchNorm enters the filters (`BN_MODES`), and for bnvar the statistics
+    of what each group's consumers read (`analysis.expected.channel_statistics`: a dict by group id, or a
+    zero-argument callable computing it, called once on first use).  `notes` collects what the criteria
+    measured on the way (``notes["nystrom"][layer]``: the approximation's rank, landmarks and measured error;
+    ``notes["bnvar"]``: where the statistics came from per group), for the report."""
     weights: Weights
     bn_after: dict[str, onnx.NodeProto]     # layer -> the BatchNormalization that alone reads it
     batchnorms: dict[str, onnx.NodeProto]   # every BatchNormalization node by name
     seed: int = 0
     landmarks: int | None = None
     bn_mode: str = "folded"
+    statistics: "dict | Callable[[], dict] | None" = None
     notes: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, weights: Weights, seed: int = 0, landmarks: int | None = None,
-           bn_mode: str = "folded") -> "Scoring":
+           bn_mode: str = "folded", statistics: "dict | Callable[[], dict] | None" = None) -> "Scoring":
         batchnorms = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
-        return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks, bn_mode)
+        return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks, bn_mode, statistics)
+
+    @classmethod
+    def for_prepared(cls, prepared, seed: int = 0, landmarks: int | None = None, bn_mode: str = "folded",
+                     calib=None) -> "Scoring":
+        """Scoring of a `pipeline.Prepared` model, with its channel statistics computed when first needed:
+        data-free from BatchNorm where the graph has it, else measured on `calib` (feeds or an .npz path) or,
+        without, on synthetic 1/f-noise inputs."""
+        def statistics() -> dict:
+            from onnx_prune.analysis.expected import channel_statistics
+
+            ids = [g.id for g in prepared.analysis.prunable_groups]
+            return channel_statistics(prepared, ids, calib, seed=seed)
+
+        return cls.of(prepared.model, prepared.weights(), seed, landmarks, bn_mode, statistics)
+
+    def group_statistics(self, group_id: int):
+        """The `GroupStatistics` of a group (None where none were computed for it)."""
+        if self.statistics is None:
+            raise ValueError(f"criterion '{VARIANCE_CRITERION}' needs channel statistics: build the Scoring with "
+                             "Scoring.for_prepared(prepared) or pass statistics=")
+        if callable(self.statistics):
+            self.statistics = self.statistics()
+        return self.statistics.get(group_id)
 
 
 AGGREGATE_ROLES = {"first": ("producer",), "mean": ("producer",), "max": ("producer",),
@@ -340,6 +380,10 @@ def channel_scores(group: Group, scoring: Scoring, criterion: str = "l2", aggreg
     rng = np.random.default_rng(scoring.seed + group.id)
     if criterion == BN_CRITERION:
         combined = _bn_scores(group, scoring)
+        if combined is None:
+            return channel_scores(group, scoring, "l2", aggregate, normalize)
+    elif criterion == VARIANCE_CRITERION:
+        combined = variance_scores(group, scoring)
         if combined is None:
             return channel_scores(group, scoring, "l2", aggregate, normalize)
     else:
@@ -380,3 +424,30 @@ def _bn_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
             np.add.at(score, member.channels, np.abs(scoring.weights(member.param)[member.positions]))
             found = True
     return score if found else None
+
+
+def variance_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
+    """bnvar: the damage of removing channel c once its consumers read its mean instead (compensation),
+
+        sum over consumers k of  Var[x_c as k reads it] * ||W_k[:, c]||^2
+
+    i.e. the expected squared error added to the consumers' pre-activation outputs (exact for 1x1 and Gemm
+    consumers; for k x k kernels it treats neighbouring pixels as uncorrelated).  The variance comes from
+    `Scoring.group_statistics`: the BatchNorm's N(beta, gamma^2) pushed through the activation (data-free), or
+    measured.  A nearly dead channel (beta << 0, small gamma) has almost no variance after a ReLU, whatever its
+    BN-folded filter norm, and goes first; a deterministic channel scores 0 (compensation makes its removal
+    exact).  The aggregation is implicit (every consumer of the group); None where no consumer reads the group
+    visibly (the caller falls back to l2)."""
+    stats = scoring.group_statistics(group.id)
+    if stats is None or not stats.reads:
+        scoring.notes.setdefault(VARIANCE_CRITERION, {})[group.id] = "no consumer statistics: l2"
+        return None
+    scoring.notes.setdefault(VARIANCE_CRITERION, {})[group.id] = stats.source
+    score = np.zeros(group.size)
+    for consumer in filter_sets(group, scoring.weights, ("consumer",)):
+        read = stats.reads.get(consumer.node)
+        var = read.var if read is not None else stats.var
+        var = np.where(np.isfinite(var), var, 0.0)  # NaN: this consumer does not read the channel
+        energy = (consumer.rows[:, :-1] ** 2).sum(axis=1)  # ||W_k[:, position]||^2 (no bias column)
+        np.add.at(score, consumer.channels, energy * var[consumer.channels])
+    return score

@@ -305,3 +305,88 @@ def test_calibration_criteria_drop_a_dead_channel_first(tmp_path):
         conv1 = next(g for g in report.groups if g.name == "conv1")
         assert conv1.kept == 3
         assert 2 not in _kept_channels(original, pruned, "conv1.bias")
+
+
+# --- bnvar: the variance of what consumers read, times their squared weights
+
+def dead_channel_model(dead=3, channels=8, seed=0):
+    """x -> 1x1 conv -> BN -> Relu -> 1x1 conv -> y.  Channel `dead` has beta << 0, small gamma and a tiny
+    running variance: after the Relu it is almost always 0, yet BN folding multiplies its filter by
+    gamma / sigma ~ 5."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    gamma, beta = rng.uniform(0.5, 1.5, channels), rng.normal(0.0, 0.5, channels)
+    mean, var = rng.normal(0.0, 0.2, channels), rng.uniform(0.5, 2.0, channels)
+    gamma[dead], beta[dead], var[dead] = 0.05, -3.0, 1e-4
+    tensors = {"w1": rng.standard_normal((channels, 4, 1, 1)) * 0.5, "bn.scale": gamma, "bn.bias": beta,
+               "bn.mean": mean, "bn.var": var, "w2": rng.standard_normal((6, channels, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b1"],
+                              name="bn"),
+             helper.make_node("Relu", ["b1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "dead_channel", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                     [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bnvar_removes_a_nearly_dead_channel_first_where_folded_l2_keeps_it():
+    """Issue 15: BN-folded magnitudes inflate channels with a tiny running variance.  Broken variants checked:
+    bnvar taken before the activation (E[z^2] = beta^2 + gamma^2 of the BN output ranks the dead channel
+    first to KEEP) and bnvar replaced by the folded l2 both fail."""
+    prepared = prepare(dead_channel_model())
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    scoring = Scoring.for_prepared(prepared)
+    folded_l2 = channel_scores(group, scoring, "l2", "domino-o")
+    bnvar = channel_scores(group, scoring, "bnvar")
+    assert int(np.argmax(folded_l2)) == 3  # today's default keeps it above every other channel
+    assert int(np.argmin(bnvar)) == 3 and bnvar[3] < 1e-6 * np.sort(bnvar)[1]
+    assert scoring.notes["bnvar"][group.id] == "bn"  # data-free, from the BatchNorm
+
+
+def test_bnvar_is_the_output_error_of_a_compensated_removal():
+    """With measured statistics and a 1x1 consumer, bnvar(c) is exactly the mean squared change of the
+    consumer's output when channel c is replaced by its mean: ||W2[:, c]||^2 Var[relu_c]."""
+    model = dead_channel_model()
+    prepared = prepare(model)
+    feeds = [{"x": np.random.default_rng(s).standard_normal((1, 4, 8, 8)).astype(np.float32)} for s in range(12)]
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    bnvar = channel_scores(group, Scoring.for_prepared(prepared, calib=feeds), "bnvar")
+    w = _weights(prepared.model)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    conv = np.einsum("oi,nihw->nohw", w["w1"][:, :, 0, 0], x)
+    scale = w["bn.scale"] / np.sqrt(w["bn.var"] + 1e-5)
+    relu = np.maximum((conv - w["bn.mean"][:, None, None]) * scale[:, None, None] + w["bn.bias"][:, None, None], 0)
+    centred = relu - relu.mean(axis=(0, 2, 3), keepdims=True)
+    change = np.einsum("oc,nchw->cnohw", w["w2"][:, :, 0, 0], centred)  # output change removing c alone
+    damage = (change ** 2).sum(axis=2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(bnvar, damage, rtol=1e-4)
+
+
+def test_bnvar_reads_the_batchnorm_through_clip_data_free():
+    """depthwise fixture, group conv1: its consumer conv3 reads clip(bn2(.), 0, 6).  bnvar = Var[clip(z)]
+    with z ~ N(beta2, gamma2^2) times ||W3[:, c]||^2, the variance checked by Monte Carlo (1%)."""
+    prepared = prepare(fixture_path("depthwise"))
+    w = _weights(prepared.model)
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    bnvar = channel_scores(group, Scoring.for_prepared(prepared), "bnvar")
+    z = np.random.default_rng(0).standard_normal((400_000, 1)) * w["bn2.scale"] + w["bn2.bias"]
+    var = np.clip(z, 0.0, 6.0).var(axis=0)
+    energy = (w["conv3.weight"][:, :, 0, 0] ** 2).sum(axis=0)
+    np.testing.assert_allclose(bnvar, var * energy, rtol=0.01)
+
+
+def test_only_bnvar_is_comparable_across_groups():
+    from onnx_prune.analysis.criteria import CRITERION_NAMES, comparable_across_groups
+
+    assert [c for c in CRITERION_NAMES if comparable_across_groups(c)] == ["bnvar"]
+
+
+def test_bnvar_needs_statistics():
+    prepared = prepare(fixture_path("depthwise"))
+    group = prepared.analysis.prunable_groups[0]
+    with pytest.raises(ValueError, match="statistics"):
+        channel_scores(group, Scoring.of(prepared.model, prepared.weights()), "bnvar")
