@@ -18,7 +18,7 @@ kept), and measurements still disturbed are named under the table.
 Usage::
 
     python benchmarks/latency_table.py [--models resnet50,mobilenet_v2] [--ratios 0.25,0.5,0.75]
-        [--round-to 1,8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
+        [--round-to 1,8,auto] [--target-latency 0.7,0.5] [--mac-round-to 8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
         [--warmup 10] [--repeat 100] [--retries 2] [--quiet-wait 60] [--retry-budget 300] [--seed 0]
         [--out-dir benchmarks/results]
 
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import onnx_prune
+from onnx_prune.pipeline import make_plan
 from onnx_prune.runtime.bench import benchmark, compare_latency
 from onnx_prune.runtime.sessions import CPU, CUDA, available_providers, runtime_versions
 
@@ -69,6 +70,10 @@ def _list(kind):
     return parse
 
 
+def _round_to(text: str):
+    return text if text == "auto" else int(text)
+
+
 def _default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -86,7 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo directory")
     p.add_argument("--ratios", type=_list(float), default=[0.25, 0.5, 0.75],
                    help="comma-separated pruning ratios (share of each group's channels removed)")
-    p.add_argument("--round-to", type=_list(int), default=[1, 8], help="comma-separated round-to values")
+    p.add_argument("--round-to", type=_list(_round_to), default=[1, 8],
+                   help="comma-separated round-to values (integers, or auto: the latency table's fastest widths)")
+    p.add_argument("--target-latency", type=_list(float), default=[],
+                   help="comma-separated latency targets (fraction of the original's measured latency): one row per "
+                        "model, batch and target, next to MAC-targeted pruning at the same predicted latency")
+    p.add_argument("--mac-round-to", type=_round_to, default=8,
+                   help="round-to of the MAC-targeted rows the latency targets are compared with")
     p.add_argument("--batch", type=_list(int), default=[1, 8], help="comma-separated batch sizes")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: CPU only; cuda: CPU and, when it really works here, CUDA (else a notice and CPU only)")
@@ -107,7 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ratio in args.ratios:
         if not 0.0 < ratio < 1.0:
             p.error(f"--ratios: each ratio must be in (0, 1), got {ratio}")
-    for name, values in (("--round-to", args.round_to), ("--batch", args.batch)):
+    if any(r != "auto" and r < 1 for r in args.round_to):
+        p.error(f"--round-to: values must be positive integers or auto, got {args.round_to}")
+    if any(not 0.0 < f <= 1.0 for f in args.target_latency):
+        p.error(f"--target-latency: each fraction must be in (0, 1], got {args.target_latency}")
+    for name, values in (("--batch", args.batch),):
         if min(values) < 1:
             p.error(f"{name}: values must be positive integers, got {values}")
     for name in ("threads", "repeat"):
@@ -282,6 +297,91 @@ def markdown_report(table: str, machine: dict, provider: str, args: argparse.Nam
     ])
 
 
+# --- latency targets -----------------------------------------------------------------------
+
+
+def _predicted_ms(latency, plan) -> float:
+    return latency.predict({gid: len(group_plan.keep) for gid, group_plan in plan.groups.items()})
+
+
+def mac_target_at(prepared, latency, goal_ms: float, round_to, seed: int) -> float:
+    """The MAC target whose plan (l2, uniform, `round_to`) the latency model predicts to take `goal_ms`
+    (bisection; predicted latency falls as the MAC target falls)."""
+    lo, hi = 0.02, 1.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        plan, _ = make_plan(prepared, target_macs=mid, criterion=CRITERION, round_to=round_to, seed=seed)
+        if _predicted_ms(latency, plan) > goal_ms:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def latency_target_rows(model: str, path: Path, prepared, batch: int, args) -> list[dict]:
+    """Per latency target: prune for it, and for the MAC target the latency model says takes as long; time
+    both against the original in alternation (check_speedup) at this batch."""
+    from onnx_prune.runtime.bench import check_speedup
+    from onnx_prune.runtime.latency_model import load_or_measure
+
+    progress = (lambda line: print("      " + line, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    latency = load_or_measure(prepared.model, prepared.analysis, "cpu", args.threads, batch, progress=progress)
+    table_s = time.perf_counter() - t0
+    rows = []
+    for fraction in args.target_latency:
+        t0 = time.perf_counter()
+        pruned, report = onnx_prune.prune(prepared, target_latency=fraction, criterion=CRITERION, seed=args.seed,
+                                          threads=args.threads, latency_batch=batch)
+        prune_s = time.perf_counter() - t0
+        predicted = report.details["target"]["predicted_ms"]
+        mac_target = mac_target_at(prepared, latency, predicted, args.mac_round_to, args.seed)
+        mac_pruned, mac_report = onnx_prune.prune(prepared, target_macs=mac_target, criterion=CRITERION,
+                                                  round_to=args.mac_round_to, seed=args.seed)
+        mac_plan, _ = make_plan(prepared, target_macs=mac_target, criterion=CRITERION,
+                                           round_to=args.mac_round_to, seed=args.seed)
+        checks = {}
+        for label, candidate in (("latency", pruned), ("macs", mac_pruned)):
+            checks[label] = check_speedup(path, candidate, "cpu", args.threads, batch, repeat=args.repeat,
+                                          warmup=args.warmup, seed=args.seed)
+        row = {"model": model, "batch": batch, "target": fraction, "table_seconds": round(table_s, 1),
+               "prune_seconds": round(prune_s, 1), "predicted_ms": predicted,
+               "predicted_fraction": predicted / latency.original_ms, "table_original_ms": latency.original_ms,
+               "achieved": checks["latency"].pruned_ms / checks["latency"].original_ms,
+               "macs_kept": report.macs_after / report.macs_before,
+               "params_kept": report.params_after / report.params_before,
+               "mac_target": mac_target, "mac_round_to": args.mac_round_to,
+               "mac_predicted_fraction": _predicted_ms(latency, mac_plan) / latency.original_ms,
+               "mac_achieved": checks["macs"].pruned_ms / checks["macs"].original_ms,
+               "mac_macs_kept": mac_report.macs_after / mac_report.macs_before,
+               "mac_params_kept": mac_report.params_after / mac_report.params_before,
+               "checks": {k: c.to_dict() for k, c in checks.items()}}
+        rows.append(row)
+        print(f"      {model} b{batch} target {fraction:g}: achieved {row['achieved']:.3f} (predicted "
+              f"{row['predicted_fraction']:.3f}), MACs kept {row['macs_kept']:.3f}; MAC-targeted "
+              f"{mac_target:.3f}: achieved {row['mac_achieved']:.3f}, MACs kept {row['mac_macs_kept']:.3f}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def latency_target_markdown(rows: list[dict], args) -> str:
+    lines = ["## Latency targets", "",
+             "Latency-targeted pruning (`--target-latency F`, round-to auto) against MAC-targeted pruning "
+             f"(`--target-macs`, round-to {args.mac_round_to}) at the MAC target the latency model predicts to take "
+             "as long. Achieved = pruned / original median latency, the two timed in alternation "
+             f"({args.repeat} runs each) at that batch; within 10% = |achieved / target - 1| <= 0.1.", "",
+             "| model | batch | target | predicted | achieved | within 10% | MACs kept | params kept | "
+             "MAC target | its achieved latency | its MACs kept | its params kept |",
+             "|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ok = "yes" if abs(r["achieved"] / r["target"] - 1) <= 0.1 else "no"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['target']:g} | {r['predicted_fraction']:.3f} | "
+                     f"{r['achieved']:.3f} | {ok} | {r['macs_kept']:.1%} | {r['params_kept']:.1%} | "
+                     f"{r['mac_target']:.3f} | {r['mac_achieved']:.3f} | {r['mac_macs_kept']:.1%} | "
+                     f"{r['mac_params_kept']:.1%} |")
+    return "\n".join(lines)
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -390,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return [dict(r.to_dict(), other_cpu_share=other_load.get((r.provider, r.batch)),
                      attempts=attempts.get((r.provider, r.batch))) for r in results if r.provider == provider]
 
-    records = []
+    records, target_records = [], []
     for model in args.models:
         path = paths[model]
         prepared = onnx_prune.prepare(path)  # analysed once, pruned at every ratio / round-to
@@ -402,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             for round_to in args.round_to:
                 t0 = time.perf_counter()
                 pruned, report = onnx_prune.prune(prepared, ratio=ratio, criterion=CRITERION, round_to=round_to,
-                                                  seed=args.seed)
+                                                  seed=args.seed, threads=args.threads,
+                                                  latency_batch=min(args.batch))
                 prune_s = time.perf_counter() - t0
                 if not report.macs_before or not report.macs_after:
                     raise RuntimeError(f"{model}: MAC count unavailable (dynamic spatial dims?)")
@@ -428,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for p in providers},
                 })
                 del pruned
+        for batch in args.batch if args.target_latency else []:
+            target_records += latency_target_rows(model, path, prepared, batch, args)
 
     seconds = time.perf_counter() - wall_start
     load_end = load_average()
@@ -440,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(records, args.batch, provider)
         md = markdown_report(table, machine, provider, args, command, started_at, seconds,
                              [d for d in disturbed if f" {short} batch " in d], load_known)
+        if target_records and provider == CPU:
+            md += "\n" + latency_target_markdown(target_records, args) + "\n"
         print(md)
         (args.out_dir / f"latency_{short}.md").write_text(md)
         data = {
@@ -467,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 for record in records
             ],
             "table_markdown": table,
+            "latency_targets": target_records if provider == CPU else [],
         }
         with open(args.out_dir / f"latency_{short}.json", "w") as f:
             json.dump(data, f, indent=1, default=str)

@@ -44,14 +44,14 @@ from onnx_prune.errors import PruneError
 
 from .sessions import CPU, make_session, provider_chain, provider_name
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 MAX_UNIT = 32                 # widths divisible by this count as aligned for every kernel we know of
 ADAPTER_CHANNELS = 16         # divisible by the NCHWc block of AVX2 (8) and AVX-512 (16)
 GRID_POINTS = 6               # aligned widths measured per axis (plus the full width)
 FUSED_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh")
 TIMED_OPS = ("Conv", "Gemm", "MatMul")
 QUANTILE = 0.0                # of the timed runs (0: the fastest): other processes' load only ever adds time
-WINDOW = 32                   # fastest_width looks this many counts below the allowed one (at most a quarter)
+WINDOW = 32                   # fastest_width looks at most this many counts below the allowed one
 
 
 # --- widths and curves: plain functions of the measured numbers ---------------------------------------------
@@ -252,7 +252,7 @@ class LatencyModel:
 
     def fastest_width(self, group_id: int, at_most: int, near: int, counts: dict[int, int] | None = None,
                       at_least: int = 1) -> int:
-        """Among the counts in [near - window, at_most] (window: a quarter of `near`, at most 32; never below
+        """Among the counts in [near - window_below(near), at_most] (never below
         `at_least`), the one giving the most channels per predicted millisecond of the group's layers; ties go
         to the larger count.  A width the kernels handle badly (misaligned) loses to a nearby aligned one;
         with a smooth curve the largest allowed count wins."""
@@ -308,8 +308,9 @@ def normalise_scores(scores: np.ndarray, frozen: np.ndarray | None = None) -> np
 
 
 def window_below(count: int) -> int:
-    """How far below a count the allocation and `fastest_width` look: a quarter of it, at most WINDOW."""
-    return min(WINDOW, max(1, count // 4))
+    """How far below a count `fastest_width` and the allocation's steps look: an eighth of it, but at least 8
+    (to reach the next multiple of a vector block) and at most WINDOW, never more than half the count."""
+    return max(1, min(WINDOW, max(8, count // 8), count // 2))
 
 
 def step_candidates(model: LatencyModel, gid: int, count: int, floor: int, round_to,

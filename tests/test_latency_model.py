@@ -125,12 +125,13 @@ def test_predict_sums_layers_with_dense_layers_scaling_in_both_widths():
 
 def test_fastest_width_prefers_aligned_counts_and_never_exceeds_the_cap():
     model = LatencyModel(stub_table())
-    assert model.fastest_width(0, at_most=63, near=63) == 48  # 63..49 misaligned, 48 divisible by the unit
+    assert model.fastest_width(0, at_most=63, near=63) == 56  # 63..57 slower per channel than 56 (divisible by 8)
+    assert model.fastest_width(0, at_most=20, near=20) == 16
+    assert lm.window_below(63) == 8 and lm.window_below(1000) == 32 and lm.window_below(6) == 3
     assert model.fastest_width(0, at_most=64, near=64) == 64
     for cap in range(2, 65):
         width = model.fastest_width(1, at_most=cap, near=cap)
-        assert 1 <= width <= cap
-        assert cap - width <= min(lm.WINDOW, max(1, cap // 4))
+        assert 1 <= width <= cap and cap - width <= lm.window_below(cap)
     assert model.fastest_width(0, at_most=40, near=40, at_least=39) in (39, 40)
     assert model.fastest_width(7, at_most=13, near=13) == 13  # a group no timed layer depends on
 
