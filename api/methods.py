@@ -14,7 +14,8 @@ Adding a method is adding a class here (or in its own module) and one entry in `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -41,8 +42,8 @@ class MethodInput:
     @property
     def scoring(self) -> Scoring:
         if self._scoring is None:
-            self._scoring = Scoring.of(self.prepared.model, self.prepared.weights(), self.opts.seed,
-                                       self.opts.landmarks)
+            self._scoring = Scoring.for_prepared(self.prepared, self.opts.seed, self.opts.landmarks,
+                                                 calib=self.opts.calib)  # statistics (bnvar) computed lazily
         return self._scoring
 
     @property
@@ -52,10 +53,22 @@ class MethodInput:
         return [g.id for g in self.prepared.analysis.prunable_groups if g.id not in skip]
 
     def cost_model(self) -> CostModel | None:
+        """Costs of the prepared model, as fractions of the original's (targets are the user's model's: a
+        BatchNorm folded before the analysis still counts as parameters it had)."""
         if self.cost is None:
             return None
-        return CostModel.of(self.prepared.model, self.prepared.analysis,
-                            {n: c.macs for n, c in self.cost.per_node.items()})
+        model = CostModel.of(self.prepared.model, self.prepared.analysis,
+                             {n: c.macs for n, c in self.cost.per_node.items()})
+        original = self.original_cost
+        return replace(model, macs=original.macs, params=original.params) if original else model
+
+    @cached_property
+    def original_cost(self) -> Cost | None:
+        if self.prepared.original is None:
+            return self.cost
+        from onnx_prune.pipeline import _safe_cost
+
+        return _safe_cost(self.prepared.original)
 
     def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None) -> Allocator:
         return Allocator(self.prepared.analysis, scores, self.cost_model(), self.constraints.round_to,

@@ -261,7 +261,7 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("--latency-batch and --threads must be positive")
     if opts.min_speedup is not None and not opts.min_speedup > 0:
         raise PruneError(f"--min-speedup must be positive, got {opts.min_speedup}")
-    if opts.landmarks < 1:
+    if opts.landmarks is not None and opts.landmarks < 1:
         raise PruneError(f"--landmarks must be positive, got {opts.landmarks}")
     if not opts.bandwidth > 0:
         raise PruneError(f"--bandwidth must be positive, got {opts.bandwidth}")
@@ -332,10 +332,10 @@ def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
         raise PruneError(f"--method {method.name} needs calibration data (--calib)")
     prepared = _prunable(prepare(model, method.prepare_passes(opts)))
     prepared, pass_details = with_weights(prepared, method.weight_passes(opts))
-    before = _safe_cost(prepared.model)  # counted once: the allocation and the report both use it
-    plan, details = method.build(MethodInput(prepared, constraints, opts, before))
+    given = MethodInput(prepared, constraints, opts, _safe_cost(prepared.model))
+    plan, details = method.build(given)
     details = {**pass_details, **details}
-    return Recipe(method.name, opts, plan, prepared, before, details)
+    return Recipe(method.name, opts, plan, prepared, given.original_cost, details)
 
 
 def method_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> tuple[Plan, dict]:
@@ -421,7 +421,8 @@ def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.Mode
                 continue
             if matrix.shape[0] != group.size or not np.isfinite(matrix).all():
                 raise PruneError(f"plan group {gid} ({group.name}): '{name}' must have {group.size} finite rows")
-    recipe = Recipe(method.name, opts, plan, prepared, _safe_cost(prepared.model), {"plan": "from file"})
+    recipe = Recipe(method.name, opts, plan, prepared, _safe_cost(prepared.original or prepared.model),
+                    {"plan": "from file"})
     return finish_recipe(recipe)
 
 

@@ -63,6 +63,10 @@ class SimilaritySelect:
         undecided = np.nonzero(state == 0)[0]
         extra = undecided[np.lexsort((undecided, distance[undecided]))][:n_remove - removed]
         state[extra] = -1
+        removed += len(extra)
+        if removed < n_remove:  # every channel decided and too few redundant: the most redundant kept ones go
+            kept_free = np.nonzero((state == 1) & ~group.frozen)[0]
+            state[kept_free[np.lexsort((kept_free, distance[kept_free]))][:n_remove - removed]] = -1
         keep = np.nonzero(state != -1)[0]
         fold = self._fold(proto, norms, keep) if self.compensate else None
         return GroupPlan(keep, fold)
