@@ -51,6 +51,7 @@ GRID_POINTS = 6               # aligned widths measured per axis (plus the full 
 FUSED_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh")
 TIMED_OPS = ("Conv", "Gemm", "MatMul")
 QUANTILE = 0.0                # of the timed runs (0: the fastest): other processes' load only ever adds time
+AUTO_HOPS = 4                 # round_to="auto" steps consider this many successive fastest widths below
 WINDOW = 32                   # fastest_width looks at most this many counts below the allowed one
 
 
@@ -316,15 +317,19 @@ def window_below(count: int) -> int:
 def step_candidates(model: LatencyModel, gid: int, count: int, floor: int, round_to,
                     counts: dict[int, int]) -> list[int]:
     """Counts a group may step down to from `count`: with round_to="auto" the fastest width just below
-    (`fastest_width`), else every multiple of `round_to` within the window below (at least the next one), so
+    (`fastest_width`) and the next AUTO_HOPS - 1 fastest widths below that one, else every multiple of `round_to` within the window below (at least the next one), so
     that a step may jump over widths the kernels handle badly.  Never below `floor`; empty at the floor."""
     if count <= floor:
         return []
-    if round_to == "auto":
-        return [max(floor, model.fastest_width(gid, count - 1, count - 1, counts, at_least=floor))]
+    if round_to == "auto":  # the fastest width below, and the fastest below that...: a step may skip a slow one
+        chain, width = [], count
+        while width > floor and len(chain) < AUTO_HOPS:
+            width = max(floor, model.fastest_width(gid, width - 1, width - 1, counts, at_least=floor))
+            chain.append(width)
+        return chain
     step = max(1, int(round_to))
     lowest = max(step, math.ceil(floor / step) * step)  # kept counts stay multiples of the step, never zero
-    low = max(lowest, count - max(step, window_below(count)))
+    low = max(lowest, count - max(step, min(WINDOW, count // 2)))  # far enough to reach the next multiple of 32
     return list(range((count - 1) // step * step, low - 1, -step))
 
 

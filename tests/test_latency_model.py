@@ -359,7 +359,7 @@ def test_auto_rounding_of_a_mac_target_snaps_down_to_fast_widths():
     settled = allocator.settle(asked)
     for gid, count in settled.items():
         assert count <= asked[gid]
-        assert count % 16 == 0
+        assert count % 8 == 0  # the synthetic kernels are slowest at widths 8 does not divide
         assert settled[gid] == stub.fastest_width(gid, asked[gid], asked[gid], at_least=1)
 
 
