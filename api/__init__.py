@@ -8,7 +8,8 @@ from onnx_prune.errors import PruneError
 from onnx_prune.pipeline import AnalysisReport, PruneOptions, PruneReport, analyze, prepare, prune
 from onnx_prune.red import red
 from onnx_prune.runtime.io import load, save
+from onnx_prune.runtime.fidelity import validate
 
 __version__ = "0.1.0"
-__all__ = ["prune", "red", "analyze", "prepare", "load", "save", "PruneError", "PruneReport", "PruneOptions",
-           "AnalysisReport"]
+__all__ = ["prune", "red", "analyze", "prepare", "load", "save", "validate", "PruneError", "PruneReport",
+           "PruneOptions", "AnalysisReport"]

@@ -150,19 +150,37 @@ def load_data(spec, model: ModelLike, labels=None, **preprocessing) -> Dataset:
 # --- .npz / .npy / arrays ----------------------------------------------------------
 
 
+NPZ_MAGIC, NPY_MAGIC = b"PK", b"\x93NUMPY"
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(6)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    magic = _magic(path)
+    if magic.startswith(NPY_MAGIC):
+        return {"<npy>": _read_npy(path)}
+    if not magic.startswith(NPZ_MAGIC):
+        raise DataError(f"{path}: not a readable .npz file (numpy's zip of arrays)")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                return {"<npy>": np.asarray(archive)}
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError) as err:
         if isinstance(err, ValueError) and "pickle" in str(err).lower():
             raise DataError(f"{path}: holds Python objects (pickled); save plain numeric arrays") from None
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    except Exception as err:  # zipfile.BadZipFile and friends
+        raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    if not _magic(path).startswith(NPY_MAGIC):
+        raise DataError(f"{path}: not a readable .npy file")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -197,7 +215,12 @@ def _arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], prep: Preproc
     assigned, notes = _assign_arrays(arrays, specs, source)
     stacks = {}
     for spec in specs:
-        stacks[spec.name] = _as_feed_stack(np.asarray(assigned[spec.name]), spec, prep, source)
+        array = np.asarray(assigned[spec.name])
+        if _is_pixels(array, spec):
+            notes.append(f"{spec.name!r}: uint8 pixels scaled to [0, 1]"
+                         + (f", then (x - {list(prep.mean or [0])}) / {list(prep.std or [1])}"
+                            if prep.mean or prep.std else " (no --mean/--std given)"))
+        stacks[spec.name] = _as_feed_stack(array, spec, prep, source)
     counts = {name: len(stack) for name, stack in stacks.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{source}: inputs hold different numbers of samples: {counts}")
@@ -456,3 +479,11 @@ def _checked_labels(labels: np.ndarray, samples: int) -> np.ndarray:
     if len(labels) and labels.min() < 0:
         raise DataError(f"labels must be class ids >= 0, found {labels.min()}")
     return labels.astype(np.int64)
+
+
+PREPROCESSING_FIELDS = ("image_size", "mean", "std", "layout", "color")
+
+
+def preprocessing_options(options) -> dict:
+    """The image preprocessing keywords of `load_feeds` from a PruneOptions (or any object with those fields)."""
+    return {name: getattr(options, name, None) for name in PREPROCESSING_FIELDS}
