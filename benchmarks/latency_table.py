@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-latency", type=_list(float), default=[],
                    help="comma-separated latency targets (fraction of the original's measured latency): one row per "
                         "model, batch and target, next to MAC-targeted pruning at the same predicted latency")
+    p.add_argument("--round-to-study", action="store_true",
+                   help="instead of the table: per model, ratio and round-to, the speed-up over the original at the "
+                        "first --batch, original and pruned timed in alternation (check_speedup); says which "
+                        "round-to leaves no model slower than its original")
     p.add_argument("--mac-round-to", type=_round_to, default=8,
                    help="round-to of the MAC-targeted rows the latency targets are compared with")
     p.add_argument("--batch", type=_list(int), default=[1, 8], help="comma-separated batch sizes")
@@ -382,6 +386,53 @@ def latency_target_markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+# --- which default round-to -------------------------------------------------------------------
+
+
+def round_to_study(paths: dict, args) -> tuple[str, list[dict]]:
+    """Speed-up of every (model, ratio, round-to) at one batch, each pruned model timed in alternation with its
+    original; then per round-to the slowest case."""
+    from onnx_prune.runtime.bench import check_speedup
+
+    batch = args.batch[0]
+    rows = []
+    for model, path in paths.items():
+        prepared = onnx_prune.prepare(path)
+        for ratio in args.ratios:
+            for round_to in args.round_to:
+                pruned, report = onnx_prune.prune(prepared, ratio=ratio, criterion=CRITERION, round_to=round_to,
+                                                  seed=args.seed, threads=args.threads, latency_batch=batch)
+                check = check_speedup(path, pruned, "cpu", args.threads, batch, repeat=args.repeat,
+                                      warmup=args.warmup, seed=args.seed)
+                rows.append({"model": model, "ratio": ratio, "round_to": round_to, "batch": batch,
+                             "mac_reduction": report.macs_before / report.macs_after, "speedup": check.speedup,
+                             "original_ms": check.original_ms, "pruned_ms": check.pruned_ms,
+                             "load_average": load_average()})
+                print(f"      {model:<30} r={ratio:g} round-to={round_to}: MACs {rows[-1]['mac_reduction']:.2f}x "
+                      f"fewer, speed-up {check.speedup:.2f}x ({check.original_ms:.2f} -> {check.pruned_ms:.2f} ms)",
+                      file=sys.stderr, flush=True)
+    header = "| model | " + " | ".join(f"r={r:g} rt={t}" for r in args.ratios for t in args.round_to) + " |"
+    lines = [f"## Speed-up over the original by round-to (CPU, batch {batch}, {args.threads} threads, "
+             f"{args.repeat} alternating runs each)", "", header,
+             "|---|" + "---:|" * (len(args.ratios) * len(args.round_to))]
+    for model in paths:
+        cells = []
+        for ratio in args.ratios:
+            for round_to in args.round_to:
+                r = next(x for x in rows if x["model"] == model and x["ratio"] == ratio and x["round_to"] == round_to)
+                cells.append(f"{r['speedup']:.2f}x" + (" **slower**" if r["speedup"] < 1 else ""))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| round-to | slowest speed-up | cases slower than the original | median efficiency |",
+              "|---|---:|---:|---:|"]
+    for round_to in args.round_to:
+        mine = [r for r in rows if r["round_to"] == round_to]
+        slowest = min(mine, key=lambda r: r["speedup"])
+        efficiency = float(np.median([r["speedup"] / r["mac_reduction"] for r in mine]))
+        lines.append(f"| {round_to} | {slowest['speedup']:.2f}x ({slowest['model']} r={slowest['ratio']:g}) | "
+                     f"{sum(r['speedup'] < 1 for r in mine)} of {len(mine)} | {efficiency:.2f} |")
+    return "\n".join(lines), rows
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -401,6 +452,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         paths[model] = path
 
+    if args.round_to_study:
+        load_start = load_average()
+        table, rows = round_to_study(paths, args)
+        text = "\n".join([table, "", f"Command: `{command}`; load average {load_start} before, {load_average()} "
+                          f"after, on {os.cpu_count()} CPUs ({cpu_model()}, onnxruntime {runtime_versions()['onnxruntime']})"])
+        print(text)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "latency_round_to_cpu.md").write_text(text + "\n")
+        (args.out_dir / "latency_round_to_cpu.json").write_text(json.dumps(
+            {"command": command, "started_utc": started_at, "git": git_state(), "rows": rows,
+             "load_average_start": load_start, "load_average_end": load_average()}, indent=1) + "\n")
+        return 0
     requested = [CPU] + ([CUDA] if args.provider == "cuda" else [])
     providers = available_providers(requested)  # prints a notice for CUDA when it cannot run, keeps CPU
     machine = machine_info(args.threads, providers)
