@@ -43,8 +43,21 @@ class MethodInput:
     def scoring(self) -> Scoring:
         if self._scoring is None:
             self._scoring = Scoring.for_prepared(self.prepared, self.opts.seed, self.opts.landmarks,
-                                                 calib=self.opts.calib)  # statistics (bnvar) computed lazily
+                                                 calib=self.calibration)  # statistics computed when first read
         return self._scoring
+
+    @cached_property
+    def calibration(self) -> list[dict] | None:
+        """The --calib feeds (None without calibration data), loaded once for every step that reads them."""
+        if not self.opts.calib:
+            return None
+        from onnx_prune.pipeline import calibration_inputs
+
+        return calibration_inputs(self.prepared, self.opts)
+
+    def statistics(self, group_ids) -> dict:
+        """Per group, the mean and variance of what its consumers read (`analysis.expected`), computed once."""
+        return {gid: self.scoring.group_statistics(gid) for gid in group_ids}
 
     @property
     def group_ids(self) -> list[int]:
@@ -136,10 +149,8 @@ def criterion_scores(given: MethodInput) -> dict[int, np.ndarray]:
 
     opts, analysis = given.opts, given.prepared.analysis
     if opts.criterion in CALIBRATION_CRITERIA:
-        from onnx_prune.pipeline import calibration_inputs
-
-        scores = calibration_scores(given.prepared.model, analysis, given.group_ids,
-                                    calibration_inputs(given.prepared, opts), opts.criterion)
+        scores = calibration_scores(given.prepared.model, analysis, given.group_ids, given.calibration,
+                                    opts.criterion)
         for gid in given.group_ids:  # groups no consumer reads visibly fall back to l2
             if gid not in scores:
                 scores[gid] = channel_scores(analysis.groups[gid], given.scoring, "l2", opts.aggregate)

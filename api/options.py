@@ -62,6 +62,10 @@ class PruneOptions:
     method: str = option("prune", "how channels go: prune (drop the lowest-scoring), similarity (drop one of each "
                          "most similar pair), centripetal (k-means merge), red (hash + merge + prune + uneven "
                          "depthwise separation), hash (weight hashing alone)", group=CHOICE)
+    compensate: bool = option(True, "do not replace removed channels by their expected value (by default each "
+                              "removed channel's mean, from BatchNorm statistics, --calib data or synthetic 1/f-noise "
+                              "inputs, is folded into its consumers' biases)", group=METHOD, action="store_false",
+                              flag="--no-compensate")
     merge_neighbours: bool = option(False, "with --method similarity: fold a removed channel into its most "
                                     "similar kept one", group=METHOD, action="store_true")
     medoid: bool = option(False, "with --method centripetal: keep each cluster's medoid instead of its centroid",
@@ -79,7 +83,9 @@ class PruneOptions:
                                   "alone reaches the target; the rest is pruned (default 1)", group=METHOD)
     separate_depthwise: bool = option(True, "red: no uneven depthwise separation", group=METHOD,
                                       action="store_false", flag="--no-separate")
-    landmarks: int = option(9, "Nystrom landmark count", group=METHOD)
+    landmarks: int | None = option(None, "Nystrom landmark count (default: the filter prototypes' rank, which is "
+                                   "exact; fewer approximate, with the measured error in the report)",
+                                   group=METHOD, metavar="M")
     generations: int = option(10, "differential-evolution generations (10)", group=BLEND)
     population: int = option(16, "candidates per generation (16)", group=BLEND)
     workers: int = option(1, "processes evaluating candidates (1)", group=BLEND)

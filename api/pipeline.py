@@ -335,7 +335,19 @@ def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
     given = MethodInput(prepared, constraints, opts, _safe_cost(prepared.model))
     plan, details = method.build(given)
     details = {**pass_details, **details}
+    if opts.compensate and plan.groups:
+        plan, details["compensation"] = compensated(given, plan)
     return Recipe(method.name, opts, plan, prepared, given.original_cost, details)
+
+
+def compensated(given, plan: Plan) -> tuple[Plan, dict]:
+    """`plan` with each removed channel replaced by its expected value (`passes.compensate`), and a summary."""
+    from onnx_prune.passes.compensate import compensate, compensation_summary
+
+    stats = {gid: st for gid, st in given.statistics(sorted(plan.groups)).items() if st is not None}
+    plan = compensate(given.prepared, plan, stats)
+    summary = compensation_summary(plan, stats)
+    return plan, {str(gid): entry for gid, entry in summary.items()}
 
 
 def method_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None) -> tuple[Plan, dict]:
