@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of the table: per model, ratio and round-to, the speed-up over the original at the "
                         "first --batch, original and pruned timed in alternation (check_speedup); says which "
                         "round-to leaves no model slower than its original")
+    p.add_argument("--targets-only", action="store_true",
+                   help="only the --target-latency rows (no ratio x round-to table)")
     p.add_argument("--mac-round-to", type=_round_to, default=8,
                    help="round-to of the MAC-targeted rows the latency targets are compared with")
     p.add_argument("--batch", type=_list(int), default=[1, 8], help="comma-separated batch sizes")
@@ -322,7 +324,7 @@ def mac_target_at(prepared, latency, goal_ms: float, round_to, seed: int) -> flo
     return lo
 
 
-def latency_target_rows(model: str, path: Path, prepared, batch: int, args) -> list[dict]:
+def latency_target_rows(model: str, path: Path, prepared, batch: int, args, provider: str = CPU) -> list[dict]:
     """Per latency target: prune for it, and for the MAC target the latency model says takes as long; time
     both against the original in alternation (check_speedup) at this batch."""
     from onnx_prune.runtime.bench import check_speedup
@@ -330,13 +332,13 @@ def latency_target_rows(model: str, path: Path, prepared, batch: int, args) -> l
 
     progress = (lambda line: print("      " + line, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    latency = load_or_measure(prepared.model, prepared.analysis, "cpu", args.threads, batch, progress=progress)
+    latency = load_or_measure(prepared.model, prepared.analysis, provider, args.threads, batch, progress=progress)
     table_s = time.perf_counter() - t0
     rows = []
     for fraction in args.target_latency:
         t0 = time.perf_counter()
         pruned, report = onnx_prune.prune(prepared, target_latency=fraction, criterion=CRITERION, seed=args.seed,
-                                          threads=args.threads, latency_batch=batch)
+                                          threads=args.threads, latency_batch=batch, provider=provider)
         prune_s = time.perf_counter() - t0
         predicted = report.details["target"]["predicted_ms"]
         mac_target = mac_target_at(prepared, latency, predicted, args.mac_round_to, args.seed)
@@ -346,9 +348,9 @@ def latency_target_rows(model: str, path: Path, prepared, batch: int, args) -> l
                                            round_to=args.mac_round_to, seed=args.seed)
         checks = {}
         for label, candidate in (("latency", pruned), ("macs", mac_pruned)):
-            checks[label] = check_speedup(path, candidate, "cpu", args.threads, batch, repeat=args.repeat,
+            checks[label] = check_speedup(path, candidate, provider, args.threads, batch, repeat=args.repeat,
                                           warmup=args.warmup, seed=args.seed)
-        row = {"model": model, "batch": batch, "target": fraction, "table_seconds": round(table_s, 1),
+        row = {"model": model, "provider": provider, "batch": batch, "target": fraction, "table_seconds": round(table_s, 1),
                "prune_seconds": round(prune_s, 1), "predicted_ms": predicted,
                "predicted_fraction": predicted / latency.original_ms, "table_original_ms": latency.original_ms,
                "achieved": checks["latency"].pruned_ms / checks["latency"].original_ms,
@@ -359,7 +361,7 @@ def latency_target_rows(model: str, path: Path, prepared, batch: int, args) -> l
                "mac_achieved": checks["macs"].pruned_ms / checks["macs"].original_ms,
                "mac_macs_kept": mac_report.macs_after / mac_report.macs_before,
                "mac_params_kept": mac_report.params_after / mac_report.params_before,
-               "checks": {k: c.to_dict() for k, c in checks.items()}}
+               "checks": {k: c.to_dict() for k, c in checks.items()}, "load_average": load_average()}
         rows.append(row)
         print(f"      {model} b{batch} target {fraction:g}: achieved {row['achieved']:.3f} (predicted "
               f"{row['predicted_fraction']:.3f}), MACs kept {row['macs_kept']:.3f}; MAC-targeted "
@@ -383,6 +385,11 @@ def latency_target_markdown(rows: list[dict], args) -> str:
                      f"{r['achieved']:.3f} | {ok} | {r['macs_kept']:.1%} | {r['params_kept']:.1%} | "
                      f"{r['mac_target']:.3f} | {r['mac_achieved']:.3f} | {r['mac_macs_kept']:.1%} | "
                      f"{r['mac_params_kept']:.1%} |")
+    loads = [r["load_average"][0] for r in rows if r.get("load_average")]
+    if loads:
+        lines += ["", f"1-minute load average while measuring: {min(loads):.1f} to {max(loads):.1f} on "
+                      f"{os.cpu_count()} CPUs" + (" (timings taken under load: other processes competed for the CPU)"
+                                                  if max(loads) > 0.5 * (os.cpu_count() or 1) else "")]
     return "\n".join(lines)
 
 
@@ -557,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         path = paths[model]
         prepared = onnx_prune.prepare(path)  # analysed once, pruned at every ratio / round-to
+        if args.targets_only:
+            for batch in args.batch:
+                target_records += latency_target_rows(model, path, prepared, batch, args, providers[-1])
+            continue
         base, base_load, base_attempts = timed(path, f"{model} original")
         base_record = {"model": model, "path": os.path.relpath(path, REPO), "ratio": 0, "round_to": None,
                        "latency": {p: latency_dicts(base, base_load, base_attempts, p) for p in providers}}
@@ -593,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 })
                 del pruned
         for batch in args.batch if args.target_latency else []:
-            target_records += latency_target_rows(model, path, prepared, batch, args)
+            target_records += latency_target_rows(model, path, prepared, batch, args, providers[-1])
 
     seconds = time.perf_counter() - wall_start
     load_end = load_average()
@@ -606,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(records, args.batch, provider)
         md = markdown_report(table, machine, provider, args, command, started_at, seconds,
                              [d for d in disturbed if f" {short} batch " in d], load_known)
-        if target_records and provider == CPU:
+        if target_records and provider == providers[-1]:
             md += "\n" + latency_target_markdown(target_records, args) + "\n"
         print(md)
         (args.out_dir / f"latency_{short}.md").write_text(md)
@@ -635,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 for record in records
             ],
             "table_markdown": table,
-            "latency_targets": target_records if provider == CPU else [],
+            "latency_targets": target_records if provider == providers[-1] else [],
         }
         with open(args.out_dir / f"latency_{short}.json", "w") as f:
             json.dump(data, f, indent=1, default=str)
