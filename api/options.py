@@ -125,6 +125,8 @@ class PruneOptions:
     def target(self):
         from onnx_prune.passes.allocate import Target
 
+        if self.target_latency is not None:
+            return Target(latency=self.target_latency)
         if self.target_macs is None and self.target_params is None:
             return Target(ratio=0.3 if self.ratio is None else self.ratio)
         return Target(macs=self.target_macs, params=self.target_params)
