@@ -8,7 +8,7 @@ and a broken promise raises `PreconditionError` (before the work) or `Postcondit
 `PassContractError`s.  The default ``ensures`` checks what every pass promises:
 
 - onnx.checker accepts the result;
-- the graph outputs keep their names and declared shapes;
+- the graph outputs keep their names and declared shapes (symbolic dims may be named differently);
 - the input model was not mutated (its serialised bytes are unchanged);
 - with ``preserves_function = True`` (weight-only rewrites such as BatchNorm folding): the result computes the
   same outputs as the input on one seeded generated input, to ``function_tolerance`` relative L2 error.
@@ -61,6 +61,13 @@ def output_dims(model: onnx.ModelProto) -> dict[str, list]:
             for o in model.graph.output}
 
 
+def output_signature(model: onnx.ModelProto) -> dict[str, list]:
+    """Graph output names with their fixed dims; a dynamic dim (a name, or no positive size) is "?", so a pass
+    may name or rename symbolic dims without changing what the outputs are."""
+    return {name: [d if isinstance(d, int) and d > 0 else "?" for d in dims]
+            for name, dims in output_dims(model).items()}
+
+
 def model_digest(model: onnx.ModelProto) -> str:
     """A digest of the serialised model (ONNX protos have no map fields, so serialisation is stable)."""
     return hashlib.sha256(model.SerializeToString()).hexdigest()
@@ -77,12 +84,19 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(path)
 
 
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
 def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int = 0) -> float:
-    """Largest relative L2 error over the outputs of `after` against `before` on one seeded generated input.
-    Raises ValueError where no input can be generated (an input dim without a size)."""
+    """Largest relative L2 error over the outputs of `after` against `before` on one seeded generated input
+    (non-finite values must sit at the same places and are left out).  Raises ValueError where the comparison
+    cannot be made: no input can be generated (an input dim without a size), or the model draws random numbers."""
     from onnx_prune.runtime.fidelity import make_inputs
     from onnx_prune.runtime.sessions import make_session
 
+    drawn = sorted({n.op_type for n in before.graph.node} & RANDOM_OPS)
+    if drawn:
+        raise ValueError(f"the model draws random numbers ({', '.join(drawn)})")
     feed = make_inputs(before, seed=seed, samples=1)[0]
     reference = make_session(before).run(None, feed)
     candidate = make_session(after).run(None, feed)
@@ -91,6 +105,10 @@ def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int
         ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
         if ref.shape != cand.shape:
             return float("inf")
+        finite = np.isfinite(ref)
+        if not np.array_equal(finite, np.isfinite(cand)):
+            return float("inf")
+        ref, cand = ref[finite], cand[finite]
         worst = max(worst, float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30)))
     return worst
 
@@ -121,9 +139,9 @@ class Pass:
             check_model(after)
         except (onnx.checker.ValidationError, ValueError) as error:
             raise PostconditionError(f"{self.name}: the result fails onnx.checker: {error}") from error
-        if output_dims(after) != output_dims(before):
-            raise PostconditionError(f"{self.name} changed the graph outputs: {output_dims(before)} -> "
-                                     f"{output_dims(after)}")
+        if output_signature(after) != output_signature(before):
+            raise PostconditionError(f"{self.name} changed the graph outputs: {output_signature(before)} -> "
+                                     f"{output_signature(after)}")
         if self.preserves_function and result.modified:
             try:
                 error = output_difference(before, after, self.function_seed)
@@ -166,5 +184,5 @@ class Sequential(Pass):
 
     def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
         """Every step has checked its own result already; the composition keeps the outputs."""
-        if output_dims(result.model) != output_dims(before):
+        if output_signature(result.model) != output_signature(before):
             raise PostconditionError(f"{self.name} changed the graph outputs")

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 import numpy as np
 import onnx
 
-from onnx_prune.passes.base import PassResult, copy_model
+from onnx_prune.passes.base import Pass, PassResult, copy_model
 
 _SCALAR_ATTRS = {
     "value_float": np.float32, "value_int": np.int64,
@@ -36,10 +36,12 @@ def _constant_tensor(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None
     return None  # sparse or string constants stay as nodes
 
 
-class NormalizeWeightsPass:
-    """Constants to initializers, Identity-of-weight bypassed, unique node names."""
+class NormalizeWeightsPass(Pass):
+    """Constants to initializers, Identity-of-weight bypassed, unique node names.  Its ensures (Pass) check
+    onnx.checker, output shapes and the input left alone; the function is not re-run on every prepare (it would
+    run any model twice through onnxruntime), tests/test_passes.py checks it on the fixtures."""
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         model = copy_model(model)
         graph = model.graph
         outputs = {o.name for o in graph.output}

@@ -247,3 +247,31 @@ def test_measured_latency_is_opt_in_and_recorded():
     assert decision["latency_before_ms"] > 0 and decision["latency_after_ms"] > 0
     # what it decided is what the graph shows
     assert ("Gather" in [n.op_type for n in result.model.graph.node]) == decision["applied"]
+
+
+# --- the other passes on the same base
+
+def test_apply_plan_requires_the_analysis_of_this_model():
+    from onnx_prune.passes.plan import GroupPlan, Plan
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+    from onnx_prune.pipeline import prepare
+    from conftest import fixture_path
+
+    small = prepare(fixture_path("residual_add"))
+    other = prepare(fixture_path("depthwise"))
+    group = small.analysis.prunable_groups[0]
+    rewrite = ApplyPlanPass(small.analysis, Plan({group.id: GroupPlan(np.arange(group.size - 1))}))
+    assert rewrite(small.model).modified
+    with pytest.raises(PreconditionError):
+        rewrite(other.model)
+
+
+@pytest.mark.parametrize("name", ["constant_weights", "nhwc_transpose", "shared_weight", "if_subgraph"])
+def test_normalize_keeps_the_function(name):
+    from onnx_prune.passes.normalize import NormalizeWeightsPass
+    from conftest import fixture_path
+
+    model = onnx.load(str(fixture_path(name)))
+    normalized = NormalizeWeightsPass()(model).model
+    feeds = feeds_for(model)
+    assert relative_error(run(model, feeds), run(normalized, feeds)) < 1e-6
