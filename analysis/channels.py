@@ -153,6 +153,10 @@ class Context:
         self.param_ids: dict[tuple[str, int], np.ndarray] = {}
         self.claimed: set[tuple[str, int]] = set()  # (node name, input index) whose use of a weight is understood
         self._values: dict[str, np.ndarray] = {}
+        # values of small computed tensors (shape computations) under SCENARIOS of the dims that may vary: the
+        # channel counts pruning changes and the dims the model leaves open; an element equal in every scenario
+        # depends on neither
+        self.variants: dict[str, list[np.ndarray]] = {}
 
     # --- reading the graph
     def const(self, name: str) -> np.ndarray | None:
@@ -162,6 +166,17 @@ class Context:
         if name not in self._values:
             self._values[name] = numpy_helper.to_array(self.inits[name])
         return self._values[name]
+
+    def invariant(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A computed tensor's value, and which of its elements depend neither on channel counts nor on open
+        dims (equal in every scenario); None when it is not a tracked computation."""
+        runs = self.variants.get(name)
+        if runs is None or any(r.shape != runs[0].shape for r in runs):
+            return None
+        same = np.ones(runs[0].shape, dtype=bool)
+        for other in runs[1:]:
+            same &= other == runs[0]
+        return runs[0], same
 
     def is_const(self, name: str) -> bool:
         return bool(name) and name in self.inits
@@ -330,9 +345,12 @@ def _keep_every_tensor_nonempty(ctx: Context, id_group: np.ndarray, id_channel: 
     flat = np.concatenate(frozen) if frozen else np.zeros(0, dtype=bool)
     named = [(name, lay.ids) for name, lay in ctx.layouts.items()] + [(m.param, m.ids) for m in ctx.members]
     guarded: dict[int, list[str]] = {}
+    seen: set[bytes] = set()
     for name, ids in named:
-        if not len(ids):
+        key = ids.tobytes()
+        if not len(ids) or key in seen:  # pass-through ops repeat the same ids many times
             continue
+        seen.add(key)
         slots = offsets[id_group[ids]] + id_channel[ids]
         if flat[slots].any():
             continue

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from onnx_prune.analysis.channels import Context, CountConstraint, Elem, subgraph_reads
+from onnx_prune.runtime.shapes import FOLD_LIMIT, evaluate
 
 INT64_MAX = 2**63 - 1
 
@@ -56,7 +57,60 @@ def apply_rule(ctx: Context, node: onnx.NodeProto) -> None:
     if node.domain not in ("", "ai.onnx"):
         block(ctx, node, f"is a custom op of domain '{node.domain}'")
         return
+    fold_scenarios(ctx, node)
     RULES.get(node.op_type, block)(ctx, node)
+
+
+# --- shape computations evaluated under scenarios (TF-"SAME" pads computed from Shape)
+
+# A scenario gives every channel count C and every open dim a value: the first is the model as it is (open dims
+# OPEN_DIMS[0]), the others shrink channel counts (as pruning does) and change open dims.  Elements that come
+# out equal in all of them are constants of the model, whatever its input size and however it is pruned.
+OPEN_DIMS = (5, 9, 16)
+
+
+def _scenario_channels(count: int, k: int) -> int:
+    return (count, max(count - 1, 1), max(count // 2, 1))[k]
+
+
+def _shape_scenarios(ctx: Context, node: onnx.NodeProto) -> list[np.ndarray] | None:
+    dims = ctx.dims(node.input[0])
+    if dims is None:
+        return None
+    lay = ctx.layout(node.input[0])
+    start, end = attr(node, "start", 0), attr(node, "end", None)
+    runs = []
+    for k in range(len(OPEN_DIMS)):
+        values = [_scenario_channels(len(lay.ids), k) if lay is not None and i == lay.axis else
+                  d if isinstance(d, int) else OPEN_DIMS[k] for i, d in enumerate(dims)]
+        runs.append(np.asarray(values[start:end], dtype=np.int64))
+    return runs
+
+
+def fold_scenarios(ctx: Context, node: onnx.NodeProto) -> None:
+    """Evaluate a shape computation (no channel tensor among its inputs, at least one tracked computed input,
+    the rest small constants) once per scenario, with the bounded numpy ops of `runtime.shapes.evaluate`."""
+    if node.op_type == "Shape":
+        runs = _shape_scenarios(ctx, node)
+        if runs is not None:
+            ctx.variants[node.output[0]] = runs
+        return
+    names = [n for n in node.input if n]
+    if not names or any(ctx.layout(n) is not None for n in names) or not any(n in ctx.variants for n in names):
+        return
+    constants = {n: ctx.const(n) for n in names if n not in ctx.variants}
+    if any(v is None or v.size > FOLD_LIMIT for v in constants.values()):
+        return
+    outs_per_run = []
+    for k in range(len(OPEN_DIMS)):
+        args = [(ctx.variants[n][k] if n in ctx.variants else constants[n]) if n else None for n in node.input]
+        outs = evaluate(node, args)
+        if outs is None:
+            return
+        outs_per_run.append(outs)
+    for i, name in enumerate(node.output):
+        if name:
+            ctx.variants[name] = [outs[i] for outs in outs_per_run]
 
 
 # --- shape vectors: the 1-D int tensors that Shape produces and Reshape/Resize consume
@@ -540,22 +594,45 @@ def gather(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_layout(node.output[0], out_axis, lay.ids)
 
 
+def _pad_input(ctx: Context, node: onnx.NodeProto, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Pad input's value and which elements are fixed: a constant (all fixed), or a computation followed
+    under scenarios (TF-"SAME" pads computed from Shape: spatial amounts vary with the input size, the
+    channel amounts are constant zeros)."""
+    name = node.input[index] if len(node.input) > index else ""
+    value = ctx.const(name)
+    if value is not None:
+        return value.reshape(-1), np.ones(value.size, dtype=bool)
+    found = ctx.invariant(name) if name else None
+    return None if found is None else (found[0].reshape(-1), found[1].reshape(-1))
+
+
 def pad(ctx: Context, node: onnx.NodeProto) -> None:
     lay = ctx.layout(node.input[0])
     if lay is None:
         return
-    pads = ctx.const(node.input[1]) if len(node.input) > 1 else attr(node, "pads")
     rank = len(ctx.dims(node.input[0]) or [])
-    axes_in = ctx.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    if pads is None or (len(node.input) > 3 and node.input[3] and axes_in is None):
+    if len(node.input) > 1:
+        found = _pad_input(ctx, node, 1)
+    else:
+        pads_attr = attr(node, "pads")
+        found = None if pads_attr is None else (np.asarray(pads_attr), np.ones(len(pads_attr), dtype=bool))
+    has_axes = len(node.input) > 3 and bool(node.input[3])
+    axes_found = _pad_input(ctx, node, 3) if has_axes else None
+    if found is None or (has_axes and (axes_found is None or not axes_found[1].all())):
         block(ctx, node, "pads by amounts that are not constant")
         return
-    axes = [_norm(int(a), rank) for a in axes_in] if axes_in is not None else list(range(rank))
-    pads = [int(p) for p in np.reshape(pads, -1)]
+    axes = [_norm(int(a), rank) for a in axes_found[0]] if axes_found is not None else list(range(rank))
+    pads, fixed = [int(p) for p in found[0]], found[1]
+    if len(pads) != 2 * len(axes):
+        block(ctx, node, "pads by amounts that do not match its axes")
+        return
     if lay.axis not in axes:
         ctx.set_layout(node.output[0], lay.axis, lay.ids)
         return
     k = axes.index(lay.axis)
+    if not (fixed[k] and fixed[k + len(axes)]):
+        block(ctx, node, "pads the channel axis by amounts that depend on the input or channel sizes")
+        return
     before, after = pads[k], pads[k + len(axes)]
     if before == after == 0:
         ctx.set_layout(node.output[0], lay.axis, lay.ids)

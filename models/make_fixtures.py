@@ -318,6 +318,48 @@ def paddle_se() -> onnx.ModelProto:
     return b.model(11, inputs=[io("x", F32, [-1, 3, -1, -1])], outputs=[io("logits", F32, [-1, 10])])
 
 
+def tf_same_padding() -> onnx.ModelProto:
+    """EfficientNet-Lite / TF "SAME" convs as TorchScript exports them: the pads are computed at run time from
+    Shape (pad = max((ceil(i / s) - 1) * s + k - i, 0), split before/after), then reordered from torch's
+    last-dim-first list to ONNX's (zeros from ConstantOfShape, Reshape [-1, 2], reversed Slice, Transpose,
+    Reshape [-1]) before a Pad and an unpadded strided Conv."""
+    b = Builder("tf_same_padding")
+
+    def scalar(value):
+        return b.tensor(b.uid("const"), np.array(value, np.int64))
+
+    def same_pad(x, k, s):
+        shape = b.op("Shape", [x])
+        amounts = []
+        for axis in (3, 2):  # torch lists the last dim first
+            size = b.op("Gather", [shape, scalar(axis)], axis=0)
+            out = b.op("Div", [b.op("Add", [size, scalar(s - 1)]), scalar(s)])  # ceil(size / s)
+            total = b.op("Sub", [b.op("Add", [b.op("Mul", [b.op("Sub", [out, scalar(1)]), scalar(s)]), scalar(k)]), size])
+            total = b.op("Max", [total, scalar(0)])
+            first = b.op("Div", [total, scalar(2)])
+            amounts += [first, b.op("Sub", [total, first])]
+        listed = b.op("Concat", [b.op("Unsqueeze", [a, b.ints(0)]) for a in amounts], axis=0)
+        missing = b.op("Sub", [scalar(8), b.op("Gather", [b.op("Shape", [listed]), scalar(0)], axis=0)])
+        zeros = b.op("ConstantOfShape", [b.op("Unsqueeze", [missing, b.ints(0)])],
+                     value=numpy_helper.from_array(np.zeros(1, np.int64)))
+        pairs = b.op("Reshape", [b.op("Concat", [listed, zeros], axis=0), b.ints(-1, 2)])
+        pairs = b.op("Slice", [pairs, b.ints(-1), b.ints(-(2**63) + 1), b.ints(0), b.ints(-1)])
+        pads = b.op("Reshape", [b.op("Transpose", [pairs], perm=[1, 0]), b.ints(-1)])
+        return b.op("Pad", [x, pads], mode="constant")
+
+    def same_conv(x, cin, cout, k, s, group=1):
+        name = b.uid("conv")
+        w = b.tensor(f"{name}.weight", b.randn(cout, cin // group, k, k))
+        bias = b.tensor(f"{name}.bias", b.randn(cout))
+        return b.op("Conv", [same_pad(x, k, s), w, bias], name=name, kernel_shape=[k, k], strides=[s, s], group=group)
+
+    h = b.relu(same_conv("x", 3, 8, 3, 2))
+    h = b.relu(same_conv(h, 8, 8, 3, 2, group=8))  # depthwise
+    h = b.relu(same_conv(h, 8, 16, 1, 1))
+    b.head(h, 16)
+    return b.model(13)
+
+
 FIXTURES: dict[str, Callable[[], onnx.ModelProto]] = {
     "residual_add": residual_add,
     "concat": concat,
@@ -340,6 +382,7 @@ FIXTURES: dict[str, Callable[[], onnx.ModelProto]] = {
     "opset21": opset21,
     "blazeface_block": blazeface_block,
     "paddle_se": paddle_se,
+    "tf_same_padding": tf_same_padding,
 }
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from .sessions import input_specs, resolve_input_shapes, value_dims
-from .shapes import inference_skeleton, measure_shapes
+from .sessions import input_specs, resolve_input_shapes
+from .shapes import measure_shapes, static_shapes
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -36,6 +36,11 @@ class Cost:
     macs: int
     params: int  # elements of the float initializers / Constant tensors read by any node, each once
     per_node: dict[str, NodeCost]  # node name (or "<op_type>_<index>" when unnamed) -> cost
+    unknown: dict[str, str] = field(default_factory=dict)  # node -> why its MACs are unknown (partial counts)
+
+    def unknown_lines(self) -> list[str]:
+        """One line per node whose MACs could not be counted (they count 0 in `macs`)."""
+        return [f"MACs unknown for node {name!r}: {why}" for name, why in self.unknown.items()]
 
     def to_dict(self) -> dict:
         """Plain dict for JSON reports."""
@@ -45,24 +50,20 @@ class Cost:
 def infer_shapes(
     model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1
 ) -> dict[str, tuple[int | str | None, ...]]:
-    """Shape of every tensor onnx shape inference can determine, with dynamic input dims fixed.
+    """Shape of every tensor static inference can determine, with dynamic input dims fixed.
 
     A dynamic leading input dim becomes `batch`; other dynamic dims come from
     `input_shapes` (input name -> full shape); a missing one raises ValueError naming it.
+    Shape computations (computed Reshape targets, Slice bounds, TF-"SAME" pads) are folded
+    with numpy on the way; the model is not run.
     """
     fixed = resolve_input_shapes(input_specs(model), input_shapes, batch)
-    inferred = onnx.shape_inference.infer_shapes(inference_skeleton(model, fixed), data_prop=True)
-    graph = inferred.graph
-    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        dims = value_dims(value)
-        if dims is not None:
-            shapes[value.name] = dims
-    return shapes
+    shapes, _ = static_shapes(model, fixed)
+    return {name: tuple(dims) for name, dims in shapes.items() if dims is not None}
 
 
 def _measured_shapes(model: onnx.ModelProto, shapes: dict, input_shapes, batch: int) -> dict:
-    """Shapes static inference could not find (computed Reshape/Slice bounds), measured by one onnxruntime run."""
+    """Shapes static inference could not find, measured by one bounded onnxruntime run (opt-in)."""
     needed = sorted({name for node in model.graph.node if node.op_type in _MAC_RULES
                      for name in list(node.input[:2]) + [node.output[0]]
                      if name and not all(isinstance(d, int) for d in shapes.get(name) or [None])})
@@ -164,28 +165,43 @@ def _static_shape(shapes: dict, node_label: str, tensor: str) -> tuple[int, ...]
     return dims
 
 
-def count_cost(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1) -> Cost:
-    """MACs and parameters of `model` at the given batch size.
+def count_cost(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1,
+               *, partial: bool = False, measure: bool = False) -> Cost:
+    """MACs and parameters of `model` at the given batch size, from the graph alone.
 
     Conv/ConvTranspose MACs = (output resp. input elements) * prod(W.shape[1:]) -- this
     covers grouped and depthwise convs; Gemm = M*K*N honouring transA/transB; MatMul =
     broadcast batch * M*K*N. Params = elements of float initializers and Constant tensors
-    that some node reads. Dynamic dims: see `infer_shapes`. Raises ValueError when a shape
-    a MAC count needs is still unknown.
+    that some node reads. Dynamic dims: see `infer_shapes`.  Shapes come from static inference
+    with shape computations folded; `measure=True` also runs the model once for sizes still
+    missing (bounded in memory, in a child process).  A shape still unknown raises ValueError,
+    or with `partial=True` counts that node as 0 and names it in `Cost.unknown`.
     """
-    shapes = infer_shapes(model, input_shapes, batch)
-    shapes.update(_measured_shapes(model, shapes, input_shapes, batch))
+    try:
+        shapes = infer_shapes(model, input_shapes, batch)
+    except ValueError:
+        if not partial:
+            raise
+        shapes = {name: tuple(dims) for name, dims in static_shapes(model)[0].items() if dims is not None}
+    if measure:
+        shapes.update(_measured_shapes(model, shapes, input_shapes, batch))
     weight_sizes = _float_weight_sizes(model.graph)
     per_node: dict[str, NodeCost] = {}
+    unknown: dict[str, str] = {}
     for name, node in zip(_node_names(model.graph), model.graph.node):
         shape_of = functools.partial(_static_shape, shapes, f"{node.op_type} node {name!r}")
         rule = _MAC_RULES.get(node.op_type)
-        macs = rule(node, shape_of) if rule and node.domain in ("", "ai.onnx") else 0
+        try:
+            macs = rule(node, shape_of) if rule and node.domain in ("", "ai.onnx") else 0
+        except ValueError as err:
+            if not partial:
+                raise
+            macs, unknown[name] = 0, str(err).split(": ", 1)[-1]
         params = sum(weight_sizes.get(tensor, 0) for tensor in dict.fromkeys(node.input))
         per_node[name] = NodeCost(node.op_type, macs, params)
     consumed = _consumed_names(model.graph)
     params = sum(size for tensor, size in weight_sizes.items() if tensor in consumed)
-    return Cost(sum(cost.macs for cost in per_node.values()), params, per_node)
+    return Cost(sum(cost.macs for cost in per_node.values()), params, per_node, unknown)
 
 
 def _ratio(before: int, after: int) -> dict:

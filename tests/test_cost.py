@@ -132,3 +132,34 @@ def test_cost_ratio():
         "macs": {"before": 1000, "after": 250, "ratio": 0.25, "reduction": 0.75},
         "params": {"before": 200, "after": 150, "ratio": 0.75, "reduction": 0.25},
     }
+
+
+def test_tf_same_pads_computed_from_shape_are_folded_not_run():
+    # x [N,3,8,8]: conv0 3->8 k3 s2 "SAME" -> 4x4, depthwise k3 s2 -> 2x2, 1x1 8->16, Gemm 16->10
+    import onnx
+
+    from conftest import fixture_path
+
+    model = onnx.load(str(fixture_path("tf_same_padding")))
+    cost = count_cost(model)
+    assert cost.macs == 8 * 4 * 4 * 27 + 8 * 2 * 2 * 9 + 16 * 2 * 2 * 8 + 10 * 16 == 4416
+    assert count_cost(model, batch=3).macs == 3 * 4416
+
+
+def test_folding_never_builds_large_tensors():
+    from onnx_prune.runtime.shapes import FOLD_LIMIT, evaluate
+
+    node = helper.make_node("ConstantOfShape", ["s"], ["y"])
+    assert evaluate(node, [np.array([10**6, 10**6, 4000], np.int64)]) is None
+    assert evaluate(node, [np.array([2, 3], np.int64)])[0].shape == (2, 3)
+    expand = helper.make_node("Expand", ["a", "s"], ["y"])
+    assert evaluate(expand, [np.ones((1, 1)), np.array([FOLD_LIMIT, 2], np.int64)]) is None
+    div = helper.make_node("Div", ["a", "b"], ["y"])  # ONNX integer division truncates toward zero
+    assert evaluate(div, [np.array([-7, 7], np.int64), np.array([2, 2], np.int64)])[0].tolist() == [-3, 3]
+
+
+def test_unknown_shapes_give_partial_counts_on_request():
+    model = _single_op("Conv", ["N", 3, "height", "width"], [4, 3, 3, 3])
+    cost = count_cost(model, partial=True)
+    assert cost.macs == 0 and "op" in cost.unknown and cost.params == 108
+    assert cost.unknown_lines()[0].startswith("MACs unknown for node 'op': shape of 'y'")

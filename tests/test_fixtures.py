@@ -232,3 +232,35 @@ def test_merge_matrix_averages_duplicate_producers_exactly():
     feeds = feeds_for(prepared.model)
     assert relative_error(run(duplicated, feeds), run(merged, feeds)) < 1e-5
     assert Plan.from_json(plan.to_json()).groups[group.id].merge.tolist() == merge.tolist()
+
+
+def _with_open_spatial_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dims = out.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    return out
+
+
+@pytest.mark.parametrize("open_dims", [False, True])
+def test_tf_same_pads_computed_from_shape_are_followed(open_dims):
+    """Pads computed at run time from Shape (TF "SAME") pad H and W only: the channel amounts are constant
+    zeros whatever the input size and channel counts, so the convs around them stay prunable."""
+    model = onnx.load(str(fixture_path("tf_same_padding")))
+    if open_dims:
+        model = _with_open_spatial_dims(model)
+    prepared = prepare(model)
+    for producer in ("conv0", "conv2"):
+        group = _group_of(prepared, producer)
+        assert group.prunable == group.size and not group.reasons, group.reasons
+    chosen = zero_channels_choice(prepared)
+    zeroed = zero_model(prepared, chosen)
+    pruned, _ = onnx_prune.prune(zeroed, ratio=0.3, criterion="l1")
+    onnx.checker.check_model(pruned, full_check=True)
+    depthwise = next(n for n in pruned.graph.node if n.name == "conv1")
+    assert onnx.helper.get_attribute_value(next(a for a in depthwise.attribute if a.name == "group")) < 8
+    rng = np.random.default_rng(0)
+    sizes = [(8, 8), (9, 11), (5, 6)] if open_dims else [(8, 8)]
+    for h, w in sizes:  # the computed pads still follow the input size after pruning
+        feeds = [{"x": rng.standard_normal((2, 3, h, w)).astype(np.float32)}]
+        assert relative_error(run(zeroed, feeds), run(pruned, feeds)) < 1e-4

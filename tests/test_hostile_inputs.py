@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_prune
 from onnx_prune.errors import InvalidResultError, OutputPathError, PruneError
 from onnx_prune.runtime import io
+from onnx_prune.runtime.cost import count_cost
 
 from conftest import fixture_path
 from invariants import feeds_for, relative_error, run
@@ -298,3 +299,72 @@ def test_paddle_style_export_with_negative_dims():
     io.check_result(model)
     feeds = feeds_for(prepared.model)  # dynamic H/W: any size runs
     assert [a.shape for a in run(model, feeds)] == [a.shape for a in run(prepared.model, feeds)]
+
+
+# --- 7. the model was executed while pruning (cost counting ran onnxruntime when a conv shape was not static)
+# Before: a custom-domain op (onnxruntime cannot load it) made analyze and prune fail, and a huge
+# ConstantOfShape branch was built in memory.  Now shapes come from static inference and folding only.
+
+def _custom_op_model() -> onnx.ModelProto:
+    model = _chain(widths=(3, 8, 8, 8))
+    graph = model.graph
+    relu0 = next(n for n in graph.node if n.name == "relu0")
+    relu0.output[0] = "r0_in"
+    graph.node.insert(list(graph.node).index(relu0) + 1,
+                      helper.make_node("Mystery", ["r0_in"], ["r0"], name="mystery", domain="com.example"))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return model
+
+
+def test_custom_domain_op_freezes_channels_without_running_the_model():
+    model = _custom_op_model()
+    report = onnx_prune.analyze(model)
+    frozen = next(g for g in report.groups if g.name == "conv0")
+    assert frozen.frozen == frozen.size and "custom op" in frozen.reasons[0]
+    # compensation's synthetic moments still run the model (analysis/expected.py, not this issue's code)
+    pruned, _ = onnx_prune.prune(model, ratio=0.5, compensate=False)
+    w2 = next(t for t in pruned.graph.initializer if t.name == "w2")
+    assert w2.dims[0] < 8  # the layers after it are still pruned
+    cost = count_cost(model, partial=True)
+    assert set(cost.unknown) == {"conv1", "conv2", "fc"} and cost.per_node["conv0"].macs == 8 * 8 * 8 * 27
+    assert any("MACs unknown for node 'conv1'" in line for line in cost.unknown_lines())
+
+
+def _huge_branch_model() -> onnx.ModelProto:
+    """conv1's input is reshaped by a target computed from a 4e15-element ConstantOfShape (it adds 0)."""
+    model = _chain(widths=(3, 8, 8))
+    graph = model.graph
+    nodes = [
+        helper.make_node("ConstantOfShape", ["huge.shape"], ["huge"], name="huge",
+                         value=numpy_helper.from_array(np.zeros(1, np.int64))),
+        helper.make_node("ReduceMax", ["huge"], ["zero"], name="zero", keepdims=0),
+        helper.make_node("Add", ["target", "zero"], ["target2"], name="target2"),
+        helper.make_node("Reshape", ["r0", "target2"], ["r0r"], name="reshape"),
+    ]
+    graph.initializer.extend([numpy_helper.from_array(np.array([10**6, 10**6, 4000], np.int64), "huge.shape"),
+                              numpy_helper.from_array(np.array([0, 8, 8, 8], np.int64), "target")])
+    conv1 = next(n for n in graph.node if n.name == "conv1")
+    conv1.input[0] = "r0r"
+    index = list(graph.node).index(conv1)
+    for node in reversed(nodes):
+        graph.node.insert(index, node)
+    return model
+
+
+def test_huge_constant_of_shape_is_never_built():
+    model = _huge_branch_model()
+    onnx.checker.check_model(model, full_check=True)
+    report = onnx_prune.analyze(model)
+    assert report.groups
+    pruned, _ = onnx_prune.prune(model, ratio=0.5, compensate=False)  # see the custom-op test
+    onnx.checker.check_model(pruned, full_check=True)
+    cost = count_cost(model, partial=True)
+    assert "conv1" in cost.unknown and cost.per_node["conv0"].macs == 8 * 8 * 8 * 27
+
+
+def test_measuring_shapes_is_opt_in_and_bounded():
+    model = _huge_branch_model()
+    cost = count_cost(model, partial=True, measure=True)  # the child process hits its memory cap: still unknown
+    assert "conv1" in cost.unknown
+    custom = count_cost(_custom_op_model(), partial=True, measure=True)  # onnxruntime cannot load it
+    assert "conv1" in custom.unknown
