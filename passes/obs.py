@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
+from onnx import numpy_helper
 
-from onnx_prune.runtime.calibration import FoldMoments
+from onnx_prune.runtime.calibration import FOLDS, FoldMoments, _in_axis
 
 # ridge amounts tried, relative to the mean diagonal of X^T X over the weights; inf = compensation only
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, np.inf)
+SELECT_RIDGE = 1e-2  # damping of H for selection, relative to its mean diagonal
 
 
 def penalty(features: int, bias: bool) -> np.ndarray:
@@ -229,3 +231,248 @@ def greedy_obs(layers: list[ObsLayer], candidates, n_remove: int) -> GreedyResul
         removed.append(channel)
         costs.append(float(totals[pick]))
     return GreedyResult(removed, costs)
+
+
+# --- layer by layer over a network
+
+@dataclass
+class ConsumerView:
+    """A consumer of the group being pruned, in the current (partly pruned) model: its node there, which
+    positions of its weight's input axis survive so far, and the feature columns of each channel of the group."""
+    node: object
+    weight: str
+    in_axis: int
+    in_keep: np.ndarray              # bool per ORIGINAL input position
+    blocks: dict[int, np.ndarray]    # channel of the group -> feature columns (current coordinates)
+    has_bias: bool
+
+
+def _group_order(model, analysis, group_ids) -> list[int]:
+    """Groups by the graph position of their first producer (topological order for a sorted graph)."""
+    position = {n.name: i for i, n in enumerate(model.graph.node)}
+    return sorted(group_ids, key=lambda g: (min([position.get(n, 0) for n in analysis.groups[g].nodes("producer")],
+                                                default=0), g))
+
+
+def _has_bias(node) -> bool:
+    return len(node.input) > 2 and bool(node.input[2])
+
+
+def consumer_views(analysis, model, gid: int, kept: np.ndarray) -> tuple[list[ConsumerView], dict[str, str]]:
+    """The refittable consumers of group `gid` in `model` (the current reduced model), and the others with why."""
+    from onnx_prune.passes.repair import _unfit
+
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = {n.name: n for n in model.graph.node}
+    views, skipped = [], {}
+    for name in analysis.groups[gid].nodes("consumer"):
+        node = nodes.get(name)
+        if node is None or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 \
+                or node.input[1] not in weights or node.input[0] in weights:
+            skipped[name] = "not a Conv/Gemm/MatMul with a constant weight"
+            continue
+        why = _unfit(node, weights, readers)
+        if why:
+            skipped[name] = why
+            continue
+        w = weights[node.input[1]]
+        axis = _in_axis(node, w)
+        ids = analysis.param_ids.get((node.input[1], axis))
+        if ids is None:
+            skipped[name] = "its input axis carries no channel ids"
+            continue
+        in_keep = kept[ids]
+        taps = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
+        rank = np.cumsum(in_keep) - 1  # current position of each surviving original position
+        blocks: dict[int, list] = {}
+        mine = np.nonzero((analysis.id_group[ids] == gid) & in_keep)[0]
+        for p in mine:
+            start = int(rank[p]) * taps
+            blocks.setdefault(int(analysis.id_channel[ids[p]]), []).extend(range(start, start + taps))
+        views.append(ConsumerView(node, node.input[1], axis, in_keep,
+                                  {c: np.asarray(b) for c, b in blocks.items()}, _has_bias(node)))
+    return views, skipped
+
+
+def _theta_original_outputs(view: ConsumerView, working: dict[str, np.ndarray]) -> np.ndarray:
+    """The consumer's weights in the working model (original shapes), restricted to its surviving inputs,
+    with every ORIGINAL output (targets come from the original model), bias row last where it has one."""
+    from onnx_prune.runtime.calibration import Layer
+
+    node = view.node
+    sliced = {node.input[1]: np.take(working[node.input[1]], np.nonzero(view.in_keep)[0], axis=view.in_axis)}
+    if view.has_bias:
+        sliced[node.input[2]] = working[node.input[2]]
+    theta = Layer(node).theta(sliced)
+    if Layer(node).fits_bias and not view.has_bias:
+        theta = theta[:-1]
+    return theta
+
+
+def _write_original_coordinates(view: ConsumerView, theta: np.ndarray, new_in_keep: np.ndarray,
+                                working: dict[str, np.ndarray]) -> None:
+    """Store a consumer's refit (rows: its surviving input features, then its bias where it has one) into the
+    working weights in ORIGINAL shapes: surviving input positions get the refit, removed ones zero (the rewrite
+    drops them)."""
+    from onnx_prune.runtime.calibration import Layer
+
+    node, layer = view.node, Layer(view.node)
+    matrix = theta[:-1] if view.has_bias else theta
+    original = working[node.input[1]]
+    positions = np.nonzero(new_in_keep)[0]
+    moved = np.moveaxis(np.zeros(original.shape), view.in_axis, 0)
+    if node.op_type == "Conv":  # rows (position, kh, kw) x outputs -> (positions, outputs, kh, kw)
+        block = matrix.T.reshape((original.shape[0], len(positions)) + original.shape[2:])
+        moved[positions] = np.moveaxis(block, 1, 0)
+    else:  # Gemm (either transB: the input axis moved first is B' = B^T) and MatMul: inputs x outputs
+        moved[positions] = matrix / (layer.attr("alpha", 1.0) if node.op_type == "Gemm" else 1.0)
+    working[node.input[1]] = np.moveaxis(moved, 0, view.in_axis).astype(original.dtype)
+    if view.has_bias:
+        old = working[node.input[2]]
+        beta = layer.attr("beta", 1.0) if node.op_type == "Gemm" else 1.0
+        working[node.input[2]] = (theta[-1] / beta).reshape(old.shape).astype(old.dtype)
+
+
+@dataclass
+class GroupSelection:
+    """What selection did for one group (for the report)."""
+    group: int
+    name: str
+    size: int
+    kept: int
+    removed: list[int]
+    damage: list[float]                  # cumulative summed relative error after each removal
+    consumers: list[str]
+    skipped: dict[str, str]
+    ridge: dict[str, float]              # consumer -> relative ridge of its interim reconstruction (inf: bias)
+    effective_samples: dict[str, float]  # consumer -> effective sample count
+    fallback: str = ""                   # why selection fell back to a data-free criterion
+
+    def to_dict(self) -> dict:
+        return {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in self.__dict__.items()}
+
+
+def _output_energy(moments: FoldMoments) -> float:
+    """Centred energy of the target over all rows (what a following BatchNorm would see), summed over outputs."""
+    gram, cross, yy, n = moments.total()
+    if moments.bias and n:
+        return float(max((yy - cross[-1] ** 2 / n).sum(), 1e-30))
+    return float(max(yy.sum(), 1e-30))
+
+
+def obs_plan(prepared, counts: dict[int, int], feeds: list[dict], sources=None, *, folds: int = FOLDS,
+             positions: int = 128, batch: int = 16, seed: int = 0, ridge: float = 1e-3,
+             select_ridge: float = SELECT_RIDGE, interim: bool = True, quiet: bool = False) -> tuple["Plan", dict]:
+    """Choose the kept channels of every group in `counts` (group id -> channels to keep) by group OBS on
+    calibration `feeds`, group by group in topological order.  Each group's consumers are measured in the
+    network pruned so far (with `interim`: their weights reconstructed toward the original outputs after each
+    group, so that later groups see what the final network will compute) against the ORIGINAL model's outputs.
+
+    Returns the Plan (plain pruning: `keep` only; reconstruct the weights with `passes.repair.repair`) and
+    details: per group the removal order, the damage curve, the ridge and effective samples per consumer.
+    `ridge`: the least ridge the interim reconstructions may choose; `select_ridge`: H's damping for selection."""
+    from onnx_prune.analysis.criteria import Scoring, channel_scores
+    from onnx_prune.passes.allocate import kept_ids, select_top
+    from onnx_prune.passes.plan import GroupPlan, Plan
+    from onnx_prune.passes.repair import dynamic_batch
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+    from onnx_prune.runtime.calibration import (Layer, Progress, collect_moments, feed_batches, source_folds,
+                                                source_index)
+
+    analysis, original = prepared.analysis, prepared.model
+    batches = feed_batches(feeds, batch, dynamic_batch(original))
+    samples = int(batches[-1][1][-1]) + 1 if batches else 0
+    if samples < 2:
+        raise ValueError("second-order selection needs at least 2 calibration samples")
+    folds = min(folds, samples)
+    fold_of = source_folds(sources, samples, folds)
+    source_of, n_sources = source_index(sources, samples)
+    grid = fit_grid(ridge)
+    progress = Progress(quiet=quiet, label="obs")
+    working = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    plan = Plan()
+    selections = []
+    shrinking = [g for g, n in counts.items() if n < analysis.groups[g].size]
+    scoring = None
+    for step, gid in enumerate(_group_order(original, analysis, shrinking)):
+        group = analysis.groups[gid]
+        n_keep = max(int(counts[gid]), int(group.frozen.sum()), 1)
+        model = _with_weights(original, working)
+        current = ApplyPlanPass(analysis, plan)(model).model if plan.groups else model
+        kept = kept_ids(analysis, plan)
+        views, skipped = consumer_views(analysis, current, gid, kept)
+        candidates = np.nonzero(~group.frozen)[0]
+        layers, chosen, effective, moments_of = [], {}, {}, []
+        if views:
+            progress.label = f"obs group {step + 1}/{len(shrinking)} ({group.name})"
+            found = collect_moments(current, [Layer(v.node) for v in views], batches, fold_of, source_of, n_sources,
+                                    target=original, folds=folds, positions=positions, seed=seed,
+                                    progress=progress)
+            for view, moments in zip(views, found):
+                if Layer(view.node).fits_bias and not view.has_bias:
+                    moments = restrict(moments, np.arange(moments.gram.shape[1] - 1))
+                theta0 = _theta_original_outputs(view, working)
+                gram, cross, _, _ = moments.total()
+                # selection uses a small fixed damping (as SparseGPT's 1% of the mean diagonal): the ridge that
+                # cross-validation would pick for the unpruned fit says nothing about which channels can go
+                lam = select_ridge * ridge_unit(gram, penalty(len(theta0), moments.bias))
+                layers.append(ObsLayer.fitted(gram, cross, theta0, lam, moments.bias, view.blocks,
+                                              _output_energy(moments)))
+                effective[view.node.name] = moments.effective_samples()
+                moments_of.append((view, moments, theta0))
+        fallback = ""
+        if layers:
+            result = greedy_obs(layers, candidates, group.size - n_keep)
+            keep = np.setdiff1d(np.arange(group.size), result.removed)
+            removed, damage = result.removed, result.damage.tolist()
+        else:  # no consumer can be measured (e.g. only grouped convs read it): the data-free l2 criterion
+            scoring = scoring or Scoring.of(original, prepared.weights(), seed)
+            keep = select_top(channel_scores(group, scoring, "l2", "domino-o"), group.frozen, n_keep)
+            removed, damage = sorted(set(range(group.size)) - set(keep.tolist())), []
+            fallback = "no refittable consumer: l2"
+        plan.groups[gid] = GroupPlan(keep)
+        if interim and moments_of:
+            new_kept = kept_ids(analysis, plan)
+            for view, moments, theta0 in moments_of:
+                ids = analysis.param_ids[(view.weight, view.in_axis)]
+                new_in_keep = new_kept[ids]
+                columns = _surviving_columns(view, new_in_keep, moments)
+                refit = choose_ridge(restrict(moments, columns), theta0[columns], grid)
+                chosen[view.node.name] = refit.relative
+                _write_original_coordinates(view, refit.theta, new_in_keep, working)
+        selections.append(GroupSelection(gid, group.name, group.size, len(keep), [int(c) for c in removed],
+                                         damage, [v.node.name for v in views], skipped, chosen, effective, fallback))
+    return plan, {"groups": [s.to_dict() for s in selections], "samples": samples, "folds": folds,
+                  "split": "by source" if sources is not None else "contiguous blocks of samples",
+                  "progress": progress.lines}
+
+
+def _surviving_columns(view: ConsumerView, new_in_keep: np.ndarray, moments: FoldMoments) -> np.ndarray:
+    """Feature columns (current coordinates) that survive the new plan, the bias column last where present."""
+    taps = (moments.gram.shape[1] - int(moments.bias)) // max(int(view.in_keep.sum()), 1)
+    survivors = new_in_keep[view.in_keep]  # per current position
+    columns = (np.nonzero(survivors)[0][:, None] * taps + np.arange(taps)).reshape(-1)
+    if moments.bias:
+        columns = np.append(columns, moments.gram.shape[1] - 1)
+    return columns
+
+
+def _with_weights(model, working: dict[str, np.ndarray]):
+    """A copy of `model` whose initializers hold `working` (same names and shapes)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in working:
+            tensor.CopyFrom(numpy_helper.from_array(working[tensor.name], tensor.name))
+    return out
+
+
+def fit_grid(ridge: float) -> tuple[float, ...]:
+    """`ridge` itself and every larger amount of RIDGE_GRID (infinity included)."""
+    return tuple(sorted({float(ridge)} | {g for g in RIDGE_GRID if g >= ridge}))

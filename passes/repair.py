@@ -37,7 +37,7 @@ from onnx_prune.analysis.channels import ChannelAnalysis, subgraph_reads
 from onnx_prune.passes.base import PassResult, copy_model
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import position_map
-from onnx_prune.passes.obs import RIDGE_GRID, choose_ridge, squared_error
+from onnx_prune.passes.obs import choose_ridge, fit_grid, squared_error  # noqa: F401 (fit_grid re-exported)
 from onnx_prune.runtime.calibration import (FOLDS, FoldMoments, Layer, Progress, _in_axis,  # noqa: F401
                                             collect_moments, conv_pads, feed_batches, im2col, intermediate_tensors,
                                             layer_rows, output_axis, output_rows, source_folds, source_index,
@@ -166,11 +166,6 @@ def assign_waves(model: onnx.ModelProto, layers: list[Layer]) -> None:
 def dynamic_batch(model: onnx.ModelProto) -> bool:
     specs = input_specs(model)
     return bool(specs) and all(spec.dims and not isinstance(spec.dims[0], int) for spec in specs)
-
-
-def fit_grid(ridge: float) -> tuple[float, ...]:
-    """The ridge amounts tried: `ridge` itself and every larger amount of the grid (infinity included)."""
-    return tuple(sorted({float(ridge)} | {g for g in RIDGE_GRID if g >= ridge}))
 
 
 def cv_error(moments: FoldMoments, theta: np.ndarray) -> float:

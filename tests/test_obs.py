@@ -222,3 +222,56 @@ def test_restricted_moments_are_those_of_the_kept_columns():
     assert small.bias and np.allclose(small.total()[0], x[:, keep].T @ x[:, keep])
     assert np.allclose(small.total()[1], x[:, keep].T @ y)
     assert not restrict(moments, np.array([0, 1])).bias
+
+
+# --- over a network
+
+def _duplicated(name, pairs=2):
+    """A fixture whose first prunable group with a refittable consumer has `pairs` channels duplicated."""
+    from conftest import fixture_path
+    from invariants import duplicate_model
+    from onnx_prune.pipeline import prepare
+
+    prepared = prepare(fixture_path(name))
+    group = next(g for g in prepared.analysis.prunable_groups
+                 if g.size >= 2 * pairs + 2 and g.by_role("consumer") and not g.frozen.any())
+    source, copy = np.arange(pairs), np.arange(pairs) + pairs
+    return prepare(duplicate_model(prepared, group, source, copy)), group.id, source, copy
+
+
+@pytest.mark.parametrize("name", ["residual_add", "concat"])
+def test_obs_removes_duplicated_channels_and_the_reconstruction_is_exact(name):
+    from invariants import feeds_for, relative_error
+    from onnx_prune.passes.obs import obs_plan
+    from onnx_prune.passes.repair import repair
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+
+    prepared, gid, source, copy = _duplicated(name)
+    size = prepared.analysis.groups[gid].size
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=24)
+    plan, details = obs_plan(prepared, {gid: size - len(source)}, calib, ridge=0.0, select_ridge=1e-7,
+                             quiet=True)
+    removed = set(details["groups"][0]["removed"])
+    assert len(removed) == 2 and all(len(removed & {s, c}) == 1 for s, c in zip(source, copy))
+    assert details["groups"][0]["damage"][-1] < 1e-4
+    reduced = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    repaired, _ = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0)
+    test = feeds_for(prepared.model, seed=2, batch=2, samples=2)
+    assert relative_error(run(prepared.model, test), run(repaired, test)) < 1e-4
+    assert relative_error(run(prepared.model, test), run(reduced, test)) > 1e-2  # the refit was needed
+
+
+def test_obs_plan_is_deterministic_and_keeps_the_counts():
+    from conftest import fixture_path
+    from invariants import feeds_for
+    from onnx_prune.passes.obs import obs_plan
+    from onnx_prune.pipeline import prepare
+
+    prepared = prepare(fixture_path("residual_add"))
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=12)
+    counts = {g.id: g.size // 2 for g in prepared.analysis.prunable_groups}
+    first, details = obs_plan(prepared, counts, calib, quiet=True)
+    second, _ = obs_plan(prepared, counts, calib, quiet=True)
+    assert first.to_json() == second.to_json()
+    assert {g: len(p.keep) for g, p in first.groups.items()} == counts
+    assert all(g["effective_samples"] for g in details["groups"] if g["consumers"])
