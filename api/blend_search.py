@@ -60,7 +60,7 @@ def pool_scores(prepared, group_ids: list[int], pool: tuple[str, ...], aggregate
     """criterion -> group id -> score per channel, for every criterion of `pool` (computed once).
 
     Activation criteria need `calib_inputs`; groups no consumer reads visibly fall back to l2 (as `prune` does)."""
-    scoring = Scoring.of(prepared.model, prepared.weights(), seed, landmarks)
+    scoring = Scoring.for_prepared(prepared, seed, landmarks, calib=calib_inputs)  # statistics for bnvar, lazily
     groups = prepared.analysis.groups
     scores: PoolScores = {}
     for name in pool:
