@@ -84,8 +84,11 @@ class MethodInput:
         return _safe_cost(self.prepared.original)
 
     def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None) -> Allocator:
+        from onnx_prune.analysis.criteria import comparable_across_groups
+
         return Allocator(self.prepared.analysis, scores, self.cost_model(), self.constraints.round_to,
-                         self.constraints.max_ratio, cap=cap, latency=self.latency_model())
+                         self.constraints.max_ratio, cap=cap,
+                         comparable=comparable_across_groups(self.opts.criterion), latency=self.latency_model())
 
     def latency_model(self):
         """The measured latency model (cached per model and runtime), when the target or round_to="auto" needs it."""

@@ -207,6 +207,12 @@ def sweep_configurations() -> list[SweepConfig]:
     """
     configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a})
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
+    # the same selections without expected-value compensation, to show what it buys
+    configs += [SweepConfig(f"{c}/{a}/no-compensation", {"criterion": c, "aggregate": a, "compensate": False})
+                for c, a in (("l1", "first"), ("l2", "domino-o"), ("random", "first"), ("bnvar", "domino-o"))
+                if c in CRITERION_NAMES]
+    configs += [SweepConfig(f"{c}/global", {"criterion": c, "allocation": "global"}) for c in ("l2", "bnvar")
+                if c in CRITERION_NAMES]
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
                 SweepConfig("similarity-select+merge-neighbours", {"method": "similarity", "merge_neighbours": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]

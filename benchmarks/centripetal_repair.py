@@ -27,10 +27,9 @@ import onnx
 import onnxruntime as ort
 
 from onnx_prune.passes.allocate import Target
-from onnx_prune.passes.centripetal import centripetal_plan, prepare_folded
 from onnx_prune.passes.repair import repair
 from onnx_prune.passes.rewrite import ApplyPlanPass
-from onnx_prune.pipeline import PruneOptions, build_plan
+from onnx_prune.pipeline import PruneOptions, build_plan, method_plan, prepare_folded
 from onnx_prune.runtime.cost import count_cost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +78,9 @@ def reduce(prepared, method: str, keep: float):
     if method == "prune":
         plan = build_plan(prepared, PruneOptions(target_macs=keep), count_cost(prepared.model))
     else:
-        plan, stats = centripetal_plan(prepared, Target(macs=keep))
-        spread = float(np.mean([s.spread for s in stats]))
+        plan, details = method_plan(prepared, PruneOptions(method="centripetal", target_macs=keep, compensate=False),
+                                    count_cost(prepared.model))
+        spread = float(np.mean([s["spread"] for s in details["clusters"]]))
     return plan, ApplyPlanPass(prepared.analysis, plan)(prepared.model).model, spread
 
 

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     baseline = seconds["L2 prune, ratio 0.3 (default)"]
     lines = [f"# RED speed on {args.model} ({os.cpu_count()} CPUs, load average {load_before:.1f} at start, "
              f"median of {args.repeat})", "",
-             f"Bandwidth {DEFAULT_BANDWIDTH}: {report['hash']['distinct_before']} distinct weight values before, "
-             f"{report['hash']['distinct_after']} after; {report['merge']['merged']} channels merged.", "",
+             f"Bandwidth {DEFAULT_BANDWIDTH}: {report.details['HashWeightsPass']['distinct_before']} distinct weight values before, "
+             f"{report.details['HashWeightsPass']['distinct_after']} after; {report.details['merge']['merged']} channels merged.", "",
              "| step | seconds | / L2 prune (ratio 0.3) |", "|---|---|---|"]
     lines += [f"| {name} | {s:.2f} | {s / baseline:.2f}x |" for name, s in seconds.items()]
     text = "\n".join(lines) + "\n"

@@ -59,14 +59,15 @@ def main(argv=None) -> int:
 
     def add_red(subject, before, label, **options) -> float:
         model, report = red(subject.path, **options)
-        separated = sum(d["applied"] for d in report["separate"] or [])
-        separations.extend((subject.name, label, d) for d in report["separate"] or []
+        decisions = report.details.get("SeparateDepthwisePass", {}).get("decisions", [])
+        separated = sum(d["applied"] for d in decisions)
+        separations.extend((subject.name, label, d) for d in decisions
                            if d["macs_after"] < d["macs_before"])
-        merged = f"{report['merge']['merged']} (tol {report['merge']['tol']:.2f})"
+        merged = f"{report.details['merge']['merged']} (tol {report.details['merge']['tol']:.2f})"
         lines.append(row(subject, label, model, before, merged,
-                         (report["prune"] or {}).get("removed", 0), separated))
+                         report.details.get("pruned", 0), separated))
         print(lines[-1], flush=True)
-        return report["macs_after"] / report["macs_before"]
+        return report.macs_after / report.macs_before
 
     def add_prune(subject, before, target, label):
         for criterion in ("l1", "l2"):

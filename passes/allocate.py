@@ -105,6 +105,7 @@ class Allocator:
     round_to: int = 1
     max_ratio: float = 1.0               # at most this share of a group goes
     cap: dict[int, int] | None = None    # group -> most channels it may keep (e.g. what merging left)
+    comparable: bool = False             # scores share units across groups: global ranking uses them as they are
     latency: "LatencyModel | None" = None  # runtime.latency_model: for latency targets and round_to="auto"
 
     def _floor(self, group) -> int:
@@ -144,14 +145,24 @@ class Allocator:
     def uniform_counts(self, ratio: float) -> dict[int, int]:
         return {gid: kept_count(self.analysis.groups[gid].size, ratio) for gid in self.scores}
 
+    def normalised(self, gid: int) -> np.ndarray:
+        """A group's scores in units every group shares: as they are for a criterion that is already
+        comparable across groups (`comparable`, e.g. bnvar's output error), else divided by the mean |score|
+        of the group's free channels."""
+        group, score = self.analysis.groups[gid], self.scores[gid]
+        if self.comparable:
+            return np.asarray(score, dtype=np.float64)
+        free = ~group.frozen
+        mean = float(np.abs(score[free]).mean()) if free.any() else 1.0
+        return score / (mean if mean > 0 else 1.0)
+
     def global_order(self) -> list[tuple[int, int]]:
-        """(group, channel) removal order: lowest group-normalised score first, deterministic ties."""
+        """(group, channel) removal order: lowest normalised score first, deterministic ties."""
         entries = []
-        for gid, score in sorted(self.scores.items()):
+        for gid in sorted(self.scores):
             group = self.analysis.groups[gid]
             free = np.nonzero(~group.frozen)[0]
-            mean = float(np.abs(score[free]).mean()) if len(free) else 1.0
-            normalised = score[free] / (mean if mean > 0 else 1.0)
+            normalised = self.normalised(gid)[free]
             ranked = free[np.lexsort((free, normalised))]
             limit = group.size - self._floor(group)
             entries += [(float(normalised[np.searchsorted(free, c)]), gid, int(c)) for c in ranked[:limit]]
@@ -263,7 +274,7 @@ class Allocator:
         """Counts whose predicted latency is at most `fraction` of the original's measured one: greedy on score
         lost per predicted millisecond saved (`runtime.latency_model.latency_counts`); groups move in steps of
         round_to, or to the fastest nearby width with round_to="auto"."""
-        from onnx_prune.runtime.latency_model import GroupChoice, latency_counts, normalise_scores
+        from onnx_prune.runtime.latency_model import GroupChoice, latency_counts
 
         if self.latency is None:
             raise PruneError("--target-latency needs the latency model of this model (none was measured)")
@@ -271,7 +282,7 @@ class Allocator:
         for gid, score in sorted(self.scores.items()):
             group = self.analysis.groups[gid]
             cap = self.cap.get(gid) if self.cap else None
-            groups[gid] = GroupChoice(group.size, self._floor(group), normalise_scores(score, group.frozen),
+            groups[gid] = GroupChoice(group.size, self._floor(group), self.normalised(gid),
                                       group.frozen, cap)
         return latency_counts(self.latency, groups, fraction * self.latency.original_ms, self.round_to)
 
@@ -279,9 +290,7 @@ class Allocator:
         """Group-normalised scores, frozen channels first (kept always), then the others best first: the
         channels a group of n keeps are the first n."""
         group = self.analysis.groups[gid]
-        score = self.scores[gid]
         free = np.nonzero(~group.frozen)[0]
-        mean = float(np.abs(score[free]).mean()) if len(free) else 1.0
-        normalised = score / (mean if mean > 0 else 1.0)
+        normalised = self.normalised(gid)
         best_first = free[np.lexsort((free, -normalised[free]))]
         return np.concatenate([np.full(int(group.frozen.sum()), np.inf), normalised[best_first]])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import onnx_prune
-from onnx_prune.passes.allocate import kept_count, select_top
+from onnx_prune.passes.allocate import Allocator, Target, kept_count, select_top
 from onnx_prune.pipeline import prepare
 
 from conftest import fixture_path
@@ -48,10 +48,34 @@ def test_global_allocation_respects_max_ratio_and_never_empties():
     assert kept < total
 
 
-def test_global_differs_from_uniform():
-    _, uniform = onnx_prune.prune(fixture_path("concat"), ratio=0.4)
-    _, global_ = onnx_prune.prune(fixture_path("concat"), ratio=0.4, allocation="global")
-    assert [g.kept for g in uniform.groups] != [g.kept for g in global_.groups]
+def _two_groups(spread_a: np.ndarray, spread_b: np.ndarray, comparable: bool = False) -> Allocator:
+    """An allocator over two 8-channel groups of the residual fixture with the given scores."""
+    analysis = prepare(fixture_path("residual_add")).analysis
+    a, b = [g.id for g in analysis.prunable_groups if g.size == 8][:2]
+    return Allocator(analysis, {a: spread_a, b: spread_b}, comparable=comparable), a, b
+
+
+def test_global_takes_from_the_group_whose_channels_matter_least():
+    # group a: four channels near zero next to four strong ones; group b: eight equal channels.  Removing 4 of
+    # 16 globally takes exactly a's four weak ones (b's normalised scores are all 1); uniform takes 2 + 2.
+    weak_strong, flat = np.array([0.01, 2, 0.01, 2, 0.01, 2, 0.01, 2]), np.ones(8)
+    allocator, a, b = _two_groups(weak_strong, flat)
+    global_plan = allocator.allocate(Target(ratio=0.25), "global")
+    assert global_plan.groups[a].keep.tolist() == [1, 3, 5, 7] and b not in global_plan.groups
+    uniform_plan = allocator.allocate(Target(ratio=0.25), "uniform")
+    assert len(uniform_plan.groups[a].keep) == 6 and len(uniform_plan.groups[b].keep) == 6
+
+
+def test_comparable_scores_rank_across_groups_as_they_are():
+    # the same ranking within each group, but group b's channels matter 100x less in shared units: comparable
+    # scores (bnvar) take all four from b; group-normalised ones see equal groups and split 2 + 2
+    a_scores, b_scores = np.arange(1.0, 9.0), np.arange(1.0, 9.0) / 100
+    allocator, a, b = _two_groups(a_scores, b_scores, comparable=True)
+    plan = allocator.allocate(Target(ratio=0.25), "global")
+    assert a not in plan.groups and plan.groups[b].keep.tolist() == [4, 5, 6, 7]
+    allocator, a, b = _two_groups(a_scores, b_scores, comparable=False)
+    plan = allocator.allocate(Target(ratio=0.25), "global")
+    assert len(plan.groups[a].keep) == 6 and len(plan.groups[b].keep) == 6
 
 
 @pytest.mark.parametrize("kwargs, words", [
