@@ -275,3 +275,15 @@ def test_normalize_keeps_the_function(name):
     normalized = NormalizeWeightsPass()(model).model
     feeds = feeds_for(model)
     assert relative_error(run(model, feeds), run(normalized, feeds)) < 1e-6
+
+
+def test_hash_ensures_no_layer_gains_distinct_values():
+    class NoisyHash(HashWeightsPass):
+        """Broken on purpose: adds noise instead of hashing, and reports what it did."""
+        def _hash_tensor(self, weight, axis):
+            return weight + np.random.default_rng(0).standard_normal(weight.shape).astype(weight.dtype) * 1e-3
+
+    model = conv_bn_model()
+    model.graph.initializer[0].CopyFrom(_tensor("w", np.round(numpy_helper.to_array(model.graph.initializer[0]))))
+    with pytest.raises(PostconditionError, match="more distinct values"):
+        NoisyHash(bandwidth=0.05)(model)
