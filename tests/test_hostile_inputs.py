@@ -368,3 +368,29 @@ def test_measuring_shapes_is_opt_in_and_bounded():
     assert "conv1" in cost.unknown
     custom = count_cost(_custom_op_model(), partial=True, measure=True)  # onnxruntime cannot load it
     assert "conv1" in custom.unknown
+
+
+# --- 10. user errors reported as "internal error": external data that points outside the model's folder or
+# holds fewer bytes than a tensor needs.  Before: onnx's ValidationError escaped load() (exit 3).
+
+def _pointing_at(tmp_path, folder: str, location: str, data: bytes):
+    model = _chain()
+    _save_external(model, tmp_path / "full.onnx", "full.onnx.data")
+    proto = onnx.load(str(tmp_path / "full.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / "short.data").write_bytes(data)
+    onnx.save(proto, str(tmp_path / folder / "m.onnx"))
+    return tmp_path / folder / "m.onnx"
+
+
+@pytest.mark.parametrize("location, words", [("../full.onnx.data", "outside"), ("short.data", "exceeds")])
+def test_bad_external_data_is_a_user_error(tmp_path, location, words):
+    path = _pointing_at(tmp_path, "sub", location, b"\0" * 100)
+    with pytest.raises(PruneError, match=f"cannot read its external data.*{words}"):
+        onnx_prune.prepare(path)
+    with pytest.raises(PruneError):
+        onnx_prune.analyze(path)
