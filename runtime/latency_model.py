@@ -472,11 +472,7 @@ class _Timer:
         self.measured = 0
 
     def time_all(self, graphs: list[tuple[onnx.ModelProto, dict]], warmup: int = 2) -> list[float]:
-        from .sessions import _session_options
-
-        options = _session_options(self.threads)
-        sessions = [ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                         providers=provider_chain(self.provider)) for model, _ in graphs]
+        sessions = [make_session(model, provider_chain(self.provider), self.threads) for model, _ in graphs]
         for session, (_, feed) in zip(sessions, graphs):
             for _ in range(warmup):
                 session.run(None, feed)
@@ -719,15 +715,22 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
              "threads": threads, "repeat": repeat, "quantile": QUANTILE, "layers_timed": timer.measured,
              "calibration": {"fixed_ms": 0.0, "scale": 1.0, "points": []}}
     bare = LatencyModel(table)
+    # the whole model as it is and uniformly slimmed, timed in the same interleaved rounds (both see the same load)
+    shares = [1.0, calibration_share]
+    counts_at = [{} if share == 1.0 else _uniform_counts(analysis, prunable, share) for share in shares]
+    from .bench import _batch_feed
+    from .sessions import load_graph_only
+
+    feed = _batch_feed(load_graph_only(model), batch, 0, shapes)
+    wholes = [model if not counts else slimmed_model(model, analysis, counts) for counts in counts_at]
+    whole_timer = _Timer(provider, threads, whole_repeat, opset)
+    measured = whole_timer.time_all([(whole, feed) for whole in wholes], warmup=3)
     points = []
-    for share in (1.0, calibration_share):
-        counts = {} if share == 1.0 else _uniform_counts(analysis, prunable, share)
-        whole = model if share == 1.0 else slimmed_model(model, analysis, counts)
-        measured = whole_model_ms(whole, provider, threads, batch, shapes, whole_repeat)
+    for share, counts, ms in zip(shares, counts_at, measured):
         points.append({"share": share, "counts": {str(g): k for g, k in sorted(counts.items())},
-                       "measured_ms": measured, "layers_ms": bare.layers_ms(counts)})
+                       "measured_ms": ms, "layers_ms": bare.layers_ms(counts)})
         if progress is not None:
-            progress(f"latency table: whole model at {share:.0%} of the channels: {measured:.2f} ms "
+            progress(f"latency table: whole model at {share:.0%} of the channels: {ms:.2f} ms "
                      f"measured, layers sum {points[-1]['layers_ms']:.2f} ms")
     table["calibration"] = dict(calibrate(points), points=points)
     table["seconds"] = round(time.perf_counter() - start, 1)
