@@ -44,7 +44,7 @@ from onnx_prune.errors import PruneError
 
 from .sessions import CPU, make_session, provider_chain, provider_name
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 MAX_UNIT = 32                 # widths divisible by this count as aligned for every kernel we know of
 ADAPTER_CHANNELS = 16         # divisible by the NCHWc block of AVX2 (8) and AVX-512 (16)
 GRID_POINTS = 6               # aligned widths measured per axis (plus the full width)
