@@ -22,7 +22,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models" / "trained"))
 
-from onnx_prune.passes.obs import obs_plan  # noqa: E402
+from onnx_prune.passes.constraints import Target  # noqa: E402
+from onnx_prune.passes.obs import obs_plan, obs_prune  # noqa: E402
 from onnx_prune.passes.repair import repair  # noqa: E402
 from onnx_prune.passes.rewrite import ApplyPlanPass  # noqa: E402
 from onnx_prune.pipeline import PruneOptions, build_plan, prepare  # noqa: E402
@@ -35,7 +36,7 @@ def predict(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([session.run(None, {name: images[i:i + batch]})[0] for i in range(0, len(images), batch)])
 
 
-def run_model(name: str, keep: float, calib_count: int, quiet: bool) -> list[dict]:
+def run_model(name: str, keep: float, calib_count: int, quiet: bool, only: set | None = None) -> list[dict]:
     import fashion_mnist
 
     images, labels = fashion_mnist.load_eval()
@@ -49,6 +50,8 @@ def run_model(name: str, keep: float, calib_count: int, quiet: bool) -> list[dic
              "agreement": 1.0, "seconds": 0.0}]
 
     def record(method, model, started, extra=None):
+        if only and method not in only:
+            return
         logits = predict(model, test)
         row = {"model": name, "method": method, "keep_macs": round(count_cost(model).macs / macs, 4),
                "accuracy": float((logits.argmax(1) == test_labels).mean()),
@@ -62,16 +65,24 @@ def run_model(name: str, keep: float, calib_count: int, quiet: bool) -> list[dic
     base = build_plan(prepared, PruneOptions(target_macs=keep), count_cost(prepared.model))
     pruned = ApplyPlanPass(prepared.analysis, base)(prepared.model).model
     record("l2 (data-free)", pruned, started)
-    repaired, _ = repair(prepared.model, pruned, feeds, prepared.analysis, base)
-    record("l2 + repair", repaired, started)
+    if not only or "l2 + repair" in only:
+        repaired, _ = repair(prepared.model, pruned, feeds, prepared.analysis, base)
+        record("l2 + repair", repaired, started)
     counts = {g: len(p.keep) for g, p in base.groups.items()}
-    started = time.perf_counter()
-    plan, details = obs_plan(prepared, counts, feeds, quiet=quiet)
-    selected = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
-    record("obs selection only", selected, started)
-    repaired, report = repair(prepared.model, selected, feeds, prepared.analysis, plan)
-    record("obs + repair", repaired, started,
-           {"effective_samples": {l.node: round(l.effective_samples) for l in report.layers}})
+    if not only or {"obs selection only", "obs + repair"} & only:
+        started = time.perf_counter()
+        plan, details = obs_plan(prepared, counts, feeds, quiet=quiet)
+        selected = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+        record("obs selection only", selected, started)
+        repaired, report = repair(prepared.model, selected, feeds, prepared.analysis, plan,
+                                  rows=128 * len(feeds))
+        record("obs + repair", repaired, started,
+               {"effective_samples": {l.node: round(l.effective_samples) for l in report.layers}})
+    if not only or "obs + damage allocation" in only:
+        started = time.perf_counter()
+        model, details, _ = obs_prune(prepared, Target(macs=keep), feeds, quiet=quiet)
+        record("obs + damage allocation", model, started,
+               {"allocation": {k: v["kept"] for k, v in details["allocation_per_group"].items()}})
     return rows
 
 
@@ -82,10 +93,12 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", type=int, default=256, help="calibration images (the rest evaluate)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated method labels to run (default: all)")
     args = parser.parse_args(argv)
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, args.keep, args.calib, args.quiet)
+        rows += run_model(name, args.keep, args.calib, args.quiet,
+                          set(args.only.split(",")) if args.only else None)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -440,7 +440,7 @@ def obs_plan(prepared, counts: dict[int, int], feeds: list[dict], sources=None, 
             for view, moments, theta0 in moments_of:
                 ids = analysis.param_ids[(view.weight, view.in_axis)]
                 new_in_keep = new_kept[ids]
-                columns = _surviving_columns(view, new_in_keep, moments)
+                columns = _surviving_columns(view, new_in_keep, moments.gram.shape[1], moments.bias)
                 refit = choose_ridge(restrict(moments, columns), theta0[columns], grid)
                 chosen[view.node.name] = refit.relative
                 _write_original_coordinates(view, refit.theta, new_in_keep, working)
@@ -451,13 +451,13 @@ def obs_plan(prepared, counts: dict[int, int], feeds: list[dict], sources=None, 
                   "progress": progress.lines}
 
 
-def _surviving_columns(view: ConsumerView, new_in_keep: np.ndarray, moments: FoldMoments) -> np.ndarray:
+def _surviving_columns(view: ConsumerView, new_in_keep: np.ndarray, features: int, bias: bool) -> np.ndarray:
     """Feature columns (current coordinates) that survive the new plan, the bias column last where present."""
-    taps = (moments.gram.shape[1] - int(moments.bias)) // max(int(view.in_keep.sum()), 1)
+    taps = (features - int(bias)) // max(int(view.in_keep.sum()), 1)
     survivors = new_in_keep[view.in_keep]  # per current position
     columns = (np.nonzero(survivors)[0][:, None] * taps + np.arange(taps)).reshape(-1)
-    if moments.bias:
-        columns = np.append(columns, moments.gram.shape[1] - 1)
+    if bias:
+        columns = np.append(columns, features - 1)
     return columns
 
 
@@ -476,3 +476,201 @@ def _with_weights(model, working: dict[str, np.ndarray]):
 def fit_grid(ridge: float) -> tuple[float, ...]:
     """`ridge` itself and every larger amount of RIDGE_GRID (infinity included)."""
     return tuple(sorted({float(ridge)} | {g for g in RIDGE_GRID if g >= ridge}))
+
+
+# --- sensitivity: measured damage per group, and scores that make the allocator minimise it
+
+def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Mean KL divergence of the softmax of a 2-D output (a classifier's logits) from the reference's; for any
+    other output, its squared error over the reference's energy."""
+    total = 0.0
+    for ref, out in zip(reference, outputs):
+        ref, out = ref.astype(np.float64), out.astype(np.float64)
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            p = np.exp(ref - ref.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            log_q = out - out.max(1, keepdims=True)
+            log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+            total += float(np.mean(np.sum(p * (np.log(p + 1e-300) - log_q), axis=1)))
+        else:
+            total += float(np.sum((ref - out) ** 2) / max(np.sum(ref ** 2), 1e-30))
+    return total
+
+
+@dataclass
+class DamageCurve:
+    """Output damage of pruning one group alone (OBS selection and reconstruction of its consumers) at a few
+    removal counts; 0 removed costs 0."""
+    group: int
+    removed: list[int]      # channel counts removed, increasing, starting at 0
+    damage: list[float]     # measured output damage at each
+
+    def at(self, count: float) -> float:
+        return float(np.interp(count, self.removed, self.damage))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.75), samples: int = 64, *,
+                  positions: int = 128, batch: int = 16, seed: int = 0, select_ridge: float = SELECT_RIDGE,
+                  quiet: bool = False) -> dict[int, DamageCurve]:
+    """Per group, the damage to the model's outputs (`output_damage`, on the first `samples` feeds' samples)
+    when that group alone loses `ratios` of its free channels, chosen and compensated by group OBS on the
+    consumers' calibration Grams (one pass over `feeds` for every consumer of the model).  Removing a channel
+    is zeroing its consumer columns: the function of the pruned model, without rewriting it."""
+    import sys
+
+    import onnxruntime as ort
+
+    from onnx_prune.passes.repair import dynamic_batch
+    from onnx_prune.runtime.calibration import (Layer, Progress, collect_moments, feed_batches, source_index)
+
+    analysis, original = prepared.analysis, prepared.model
+    batches = feed_batches(feeds, batch, dynamic_batch(original))
+    count = int(batches[-1][1][-1]) + 1
+    source_of, n_sources = source_index(None, count)
+    kept = np.ones(len(analysis.id_group), dtype=bool)
+    views = {gid: consumer_views(analysis, original, gid, kept)[0] for gid in group_ids}
+    nodes = sorted({v.node.name for vs in views.values() for v in vs})
+    by_name = {n.name: n for n in original.graph.node}
+    found = collect_moments(original, [Layer(by_name[n]) for n in nodes], batches, np.zeros(count, dtype=np.int64),
+                            source_of, n_sources, target=original, folds=1, positions=positions, seed=seed,
+                            progress=Progress(quiet=quiet, label="damage: calibration"))
+    moments_of = dict(zip(nodes, found))
+    check = feed_batches(feeds, batch, dynamic_batch(original))
+    check = [feed for feed, ids in check if ids[0] < samples]
+    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = [session.run(None, feed) for feed in check]
+    working = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    curves = {}
+    for step, gid in enumerate(sorted(group_ids)):
+        group = analysis.groups[gid]
+        free = np.nonzero(~group.frozen)[0]
+        targets = sorted({int(round(r * len(free))) for r in ratios} - {0})
+        targets = [t for t in targets if t < group.size]
+        if not views[gid] or not targets:
+            continue
+        layers, thetas = [], []
+        for view in views[gid]:
+            moments = moments_of[view.node.name]
+            if Layer(view.node).fits_bias and not view.has_bias:
+                moments = restrict(moments, np.arange(moments.gram.shape[1] - 1))
+            theta0 = _theta_original_outputs(view, working)
+            gram, cross, _, _ = moments.total()
+            lam = select_ridge * ridge_unit(gram, penalty(len(theta0), moments.bias))
+            layers.append(ObsLayer.fitted(gram, cross, theta0, lam, moments.bias, view.blocks,
+                                          _output_energy(moments)))
+        damage, removed_so_far = [0.0], []
+        for target in targets:
+            result = greedy_obs(layers, [c for c in free if c not in removed_so_far], target - len(removed_so_far))
+            removed_so_far += result.removed
+            trial = dict(working)
+            out_keep = np.ones(group.size, dtype=bool)
+            out_keep[removed_so_far] = False
+            for view, layer in zip(views[gid], layers):
+                ids = analysis.param_ids[(view.weight, view.in_axis)]
+                in_group = analysis.id_group[ids] == gid
+                in_keep = np.ones(len(ids), dtype=bool)
+                in_keep[in_group] = out_keep[analysis.id_channel[ids[in_group]]]
+                columns = _surviving_columns(view, in_keep, layer.theta.shape[0], view.has_bias)
+                _write_original_coordinates(view, layer.theta[columns], in_keep, trial)
+            model = _with_weights(original, trial)
+            pruned = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            damage.append(float(np.mean([output_damage(ref, pruned.run(None, feed))
+                                         for ref, feed in zip(reference, check)])))
+        curves[gid] = DamageCurve(gid, [0] + targets, damage)
+        if not quiet:
+            print(f"damage: group {step + 1}/{len(group_ids)} {group.name}: "
+                  + ", ".join(f"{k}/{group.size} -> {d:.4g}" for k, d in zip(targets, damage[1:])),
+                  file=sys.stderr, flush=True)
+    return curves
+
+
+def damage_scores(curves: dict[int, DamageCurve], analysis, cost_model, kind: str = "macs") -> dict[int, np.ndarray]:
+    """Per group, a score per free channel such that the allocator's global ranking (lowest first, scores
+    comparable across groups) removes channels in order of least measured damage per MAC (or parameter) saved:
+    the k-th channel a group gives up scores the damage curve's slope there (made non-decreasing) over what one
+    channel of the group costs.  Channels beyond the measured range score +inf-like (removed last)."""
+    full = np.ones(len(analysis.id_group), dtype=bool)
+    base = cost_model.evaluate(full)[0 if kind == "macs" else 1]
+    scores = {}
+    for gid, curve in curves.items():
+        group = analysis.groups[gid]
+        free = np.nonzero(~group.frozen)[0]
+        without = full.copy()
+        without[(analysis.id_group == gid) & np.isin(analysis.id_channel, free)] = False
+        saved = base - cost_model.evaluate(without)[0 if kind == "macs" else 1]
+        per_channel = max(saved / max(len(free), 1), 1e-30)
+        top = curve.removed[-1]
+        slopes = np.diff([curve.at(k) for k in range(top + 1)])
+        slopes = np.maximum.accumulate(np.maximum(slopes, 0.0)) / per_channel
+        score = np.full(group.size, np.inf)
+        values = np.concatenate([slopes, 1e30 * (1.0 + np.arange(len(free) - top))])
+        score[free] = values[:len(free)]
+        scores[gid] = score
+    return scores
+
+
+def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, cost_model, round_to=1,
+                  max_ratio: float = 1.0) -> dict[int, int]:
+    """Channels each group keeps for `target` (a `passes.constraints.Target`: ratio, MACs or params) so that
+    the summed measured damage is least: the allocator's global ranking over `damage_scores` (greedy on the
+    damage per MAC saved).  Groups without a curve (no measurable consumer) stay whole."""
+    from onnx_prune.passes.allocate import Allocator
+
+    kind = "params" if target.kind == "params" else "macs"
+    scores = damage_scores(curves, prepared.analysis, cost_model, kind)
+    for gid in group_ids:
+        if gid not in scores:
+            scores[gid] = np.full(prepared.analysis.groups[gid].size, 1e300)
+    allocator = Allocator(prepared.analysis, scores, cost_model, round_to, max_ratio, comparable=True)
+    return allocator.counts_for(target, "global")
+
+
+def obs_prune(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
+              counts: dict[int, int] | None = None, round_to=1, max_ratio: float = 1.0, ratios=(0.25, 0.5, 0.75),
+              damage_samples: int = 64, positions: int = 128, batch: int = 16, seed: int = 0,
+              ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, reconstruct: bool = True,
+              quiet: bool = False):
+    """Second-order calibrated pruning end to end: allocation, selection, reconstruction.
+
+    - `target`: a `passes.constraints.Target`; `group_ids`: the groups that may shrink (default: every
+      prunable one; the caller removes excluded / protected ones); `counts` overrides the allocation.
+    - `allocation`: "damage" (measured per-group damage curves, `damage_curves`, minimised by `damage_counts`)
+      or "uniform" (the same share of every group, as the data-free methods do).
+    - selection: `obs_plan`; reconstruction (`reconstruct`): `passes.repair.repair` (ridge toward the original
+      weights chosen by cross-validation over source folds, bias-only compensation as the fallback).
+    Returns (pruned model, details, plan)."""
+    from onnx_prune.passes.allocate import Allocator, CostModel
+    from onnx_prune.passes.repair import repair
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+    from onnx_prune.runtime.cost import count_cost
+
+    analysis = prepared.analysis
+    group_ids = sorted(group_ids if group_ids is not None else [g.id for g in analysis.prunable_groups])
+    details: dict = {"allocation": allocation if counts is None else "given"}
+    if counts is None:
+        cost = count_cost(prepared.model)
+        cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
+        if allocation == "damage":
+            curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
+                                   batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
+            counts = damage_counts(prepared, curves, group_ids, target, cost_model, round_to, max_ratio)
+            details["damage_curves"] = {analysis.groups[g].name: c.to_dict() for g, c in curves.items()}
+        elif allocation == "uniform":
+            scores = {g: np.zeros(analysis.groups[g].size) for g in group_ids}
+            counts = Allocator(analysis, scores, cost_model, round_to, max_ratio).counts_for(target, "uniform")
+        else:
+            raise ValueError(f"unknown allocation '{allocation}' (damage or uniform)")
+    details["allocation_per_group"] = {analysis.groups[g].name: {"size": analysis.groups[g].size, "kept": int(n)}
+                                       for g, n in sorted(counts.items())}
+    plan, details["selection"] = obs_plan(prepared, counts, feeds, sources, positions=positions, batch=batch,
+                                          seed=seed, ridge=ridge, select_ridge=select_ridge, quiet=quiet)
+    model = ApplyPlanPass(analysis, plan)(prepared.model).model
+    if reconstruct:
+        samples = sum(len(next(iter(f.values()))) for f in feeds)
+        model, report = repair(prepared.model, model, feeds, analysis, plan, ridge=ridge, batch=batch, seed=seed,
+                               sources=sources, quiet=quiet, rows=positions * samples)
+        details["reconstruction"] = report.to_dict()
+    return model, details, plan

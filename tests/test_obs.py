@@ -275,3 +275,60 @@ def test_obs_plan_is_deterministic_and_keeps_the_counts():
     assert first.to_json() == second.to_json()
     assert {g: len(p.keep) for g, p in first.groups.items()} == counts
     assert all(g["effective_samples"] for g in details["groups"] if g["consumers"])
+
+
+# --- allocation by measured damage
+
+def test_the_damage_allocator_takes_channels_where_they_hurt_least_and_reaches_the_target():
+    """A stub damage model on residual_add's three groups: group 1 is fragile, groups 0 and 2 robust.  The
+    allocation reaches the MAC target, spares the fragile group, and its summed damage is below uniform's."""
+    from conftest import fixture_path
+    from onnx_prune.passes.allocate import Allocator, CostModel, kept_ids
+    from onnx_prune.passes.constraints import Target
+    from onnx_prune.passes.obs import DamageCurve, damage_counts
+    from onnx_prune.passes.plan import GroupPlan, Plan
+    from onnx_prune.pipeline import prepare
+    from onnx_prune.runtime.cost import count_cost
+
+    prepared = prepare(fixture_path("residual_add"))
+    analysis = prepared.analysis
+    cost = count_cost(prepared.model)
+    cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
+    steepness = {0: 0.01, 1: 5.0, 2: 0.02}
+    curves = {}
+    for g, k in steepness.items():
+        size = analysis.groups[g].size
+        removed = list(range(0, size))
+        curves[g] = DamageCurve(g, removed, [k * (r / size) ** 2 for r in removed])
+    target = Target(macs=0.6)
+    counts = damage_counts(prepared, curves, list(curves), target, cost_model)
+
+    def fraction(counts):
+        plan = Plan({g: GroupPlan(np.arange(n)) for g, n in counts.items() if n < analysis.groups[g].size})
+        return cost_model.evaluate(kept_ids(analysis, plan))[0] / cost_model.macs
+
+    def damage(counts):
+        return sum(curves[g].at(analysis.groups[g].size - n) for g, n in counts.items())
+
+    assert fraction(counts) == pytest.approx(0.6, abs=0.6 * 0.01)
+    assert counts[1] == analysis.groups[1].size  # the fragile group is spared
+    uniform = Allocator(analysis, {g: np.zeros(analysis.groups[g].size) for g in curves}, cost_model
+                        ).counts_for(target, "uniform")
+    assert damage(counts) < 0.5 * damage(uniform)
+
+
+def test_damage_curves_rise_with_the_share_removed_and_start_at_zero():
+    from conftest import fixture_path
+    from invariants import feeds_for
+    from onnx_prune.passes.obs import damage_curves
+    from onnx_prune.pipeline import prepare
+
+    prepared = prepare(fixture_path("concat"))
+    feeds = feeds_for(prepared.model, seed=1, batch=1, samples=16)
+    groups = [g.id for g in prepared.analysis.prunable_groups]
+    curves = damage_curves(prepared, feeds, groups, ratios=(0.25, 0.5, 0.75), samples=8, quiet=True)
+    assert set(curves) <= set(groups) and curves
+    for curve in curves.values():
+        assert curve.removed[0] == 0 and curve.damage[0] == 0.0
+        assert all(d >= 0 for d in curve.damage) and curve.damage[-1] > 0
+        assert curve.damage[-1] >= curve.damage[1]
