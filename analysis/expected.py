@@ -576,6 +576,11 @@ def _moved(g: _Graph, node, carried: dict[str, Carried]) -> dict[str, Carried]:
         mean, var = value.moments()
         sources.append((lay.ids, mean, var, value.const))
     results = {}
+    if node.op_type == "Concat" and len(sources) == len(node.input) and node.output[0] in layouts and \
+            sum(len(ids) for ids, *_ in sources) == len(layouts[node.output[0]].ids):
+        # along the channel axis: position by position (the same channel may come twice, e.g. silu and x)
+        mean, var, const = (np.concatenate([source[k] for source in sources]) for k in (1, 2, 3))
+        return {node.output[0]: Carried(const, mean, np.sqrt(var), node.output[0])}
     for out in node.output:
         lay = layouts.get(out)
         if lay is None or not sources:
@@ -679,7 +684,8 @@ class GroupStatistics:
     where they differ, e.g. along a residual stream; the per-consumer values are in `reads`), whether the value
     is deterministic (then `var` is 0 and `mean` exact), and the source: "bn" (data-free, BatchNorm statistics),
     "measured" (calibration feeds), "synthetic" (1/f noise inputs), "constant" (every channel deterministic),
-    "none" (no consumer reads the group: nothing to compensate)."""
+    "unmeasured" (synthetic inputs could not be built: an input size is open and no `shapes` were given; the
+    channels no BatchNorm describes stay NaN), "none" (no consumer reads the group: nothing to compensate)."""
     group: int
     mean: np.ndarray
     var: np.ndarray
@@ -723,9 +729,15 @@ def channel_statistics(prepared, group_ids=None, calib=None, *, samples: int = S
     measured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     kind = "measured" if calib is not None else "synthetic"
     if to_measure:
-        feeds = _calibration_feeds(calib, model) if calib is not None else \
-            synthetic_inputs(model, samples, batch, seed, normalization, shapes)
-        measured = measure_moments(model, analysis, sorted(to_measure), feeds)
+        try:
+            feeds = _calibration_feeds(calib, model) if calib is not None else \
+                synthetic_inputs(model, samples, batch, seed, normalization, shapes)
+        except ValueError:
+            if calib is not None:
+                raise
+            feeds, kind = [], "unmeasured"  # an input size left open (no `shapes`): what is unknown stays so
+        if feeds:
+            measured = measure_moments(model, analysis, sorted(to_measure), feeds)
     return {group.id: _group_statistics(analysis, group, reads_of[group.id], carried, measured, kind)
             for group in groups}
 
@@ -771,6 +783,8 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
         value = carried.get(tensor, Carried.unknown(len(lay.ids)))
         mean, var = value.moments()
         source = "bn"
+        if kind == "unmeasured" and not np.isfinite(mean[mine]).all():
+            source = kind
         if tensor in measured:
             m_mean, m_var = measured[tensor]
             replace = ~np.isfinite(value.const) & ((~np.isfinite(mean)) | (kind == "measured"))
@@ -803,5 +817,5 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
     deterministic = np.array([r.deterministic for r in per_read.values()]).sum(axis=0) == read_seen.sum(axis=0)
     deterministic &= read_seen.any(axis=0)
     sources = {r.source for r in per_read.values()}
-    source = next((s for s in ("measured", "synthetic", "bn") if s in sources), "constant")
+    source = next((s for s in ("measured", "synthetic", "unmeasured", "bn") if s in sources), "constant")
     return GroupStatistics(group.id, mean, var, deterministic, source, per_read)

@@ -1,0 +1,342 @@
+"""Expected-activation compensation: moments against Monte-Carlo, channel statistics (BatchNorm, measured,
+deterministic), the rewrite's bias folding (exact for constant channels) and that compensation lowers the error."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_prune.analysis.expected import ACTIVATIONS, activation_moments, channel_statistics, synthetic_inputs
+from onnx_prune.passes.compensate import compensate, lost_means
+from onnx_prune.passes.plan import GroupPlan, Plan
+from onnx_prune.passes.rewrite import ApplyPlanPass
+from onnx_prune.pipeline import make_plan, prepare
+
+from conftest import fixture_path
+from invariants import feeds_for, relative_error, run, zero_channels_choice, zero_model
+
+C = 6
+CONSTANT = 2  # the channel made constant: BatchNorm gamma = 0, beta = BETA, after Relu
+BETA = 3.0
+
+
+# --- moments of activations under a Gaussian
+
+MOMENT_CASES = [("Identity", {}), ("Relu", {}), ("Clip", {"min": 0.0, "max": 6.0}), ("Clip", {"min": -1.0, "max": 0.5}),
+                ("LeakyRelu", {"alpha": 0.1}), ("PRelu", {"slope": np.array([0.1, 0.25, 0.5])}), ("Sigmoid", {}),
+                ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}), ("HardSwish", {}), ("Swish", {}), ("Tanh", {}),
+                ("Elu", {"alpha": 1.0}), ("Gelu", {}), ("Softplus", {}), ("Selu", {})]
+
+
+@pytest.mark.parametrize("kind,params", MOMENT_CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(MOMENT_CASES)])
+def test_activation_moments_match_monte_carlo(kind, params):
+    mu, sigma = np.array([-0.5, 0.8, 2.5]), np.array([1.0, 0.7, 1.8])
+    z = mu[:, None] + sigma[:, None] * np.random.default_rng(0).standard_normal((3, 4_000_000))
+    values = ACTIVATIONS[kind](z, params)
+    mean, var = activation_moments(kind, mu, sigma, params)
+    mc_mean, mc_var = values.mean(axis=1), values.var(axis=1)
+    assert np.all(np.abs(mean - mc_mean) <= 0.01 * np.maximum(np.abs(mc_mean), np.sqrt(mc_var))), (mean, mc_mean)
+    assert np.all(np.abs(var - mc_var) <= 0.01 * mc_var), (var, mc_var)
+
+
+def test_activation_moments_of_a_constant_are_exact():
+    mean, var = activation_moments("Clip", [3.0, 7.5, -2.0], [0.0, 0.0, 0.0], {"min": 0.0, "max": 6.0})
+    assert mean.tolist() == [3.0, 6.0, 0.0] and var.tolist() == [0.0, 0.0, 0.0]
+    mean, var = activation_moments("Sigmoid", [0.0], [0.0])
+    assert mean.tolist() == [0.5] and var.tolist() == [0.0]
+
+
+# --- test models
+
+def _t(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def _bn_params(rng, prefix="", constant=(CONSTANT,)):
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(0.3, 0.5, C)
+    gamma[list(constant)], beta[list(constant)] = 0.0, BETA
+    return [_t(prefix + "g", gamma), _t(prefix + "b", beta), _t(prefix + "m", rng.normal(0, 0.2, C)),
+            _t(prefix + "v", rng.uniform(0.5, 2.0, C))]
+
+
+def _model(nodes, inits, out_shape, x_shape=(2, 3, 8, 8)):
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def constant_channel_model(consumer: str, seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv (no bias) -> BN (channel CONSTANT: gamma 0, beta BETA) -> Relu -> consumer.  A grouped consumer
+    ties in-group positions of both conv groups into one channel: both are made constant."""
+    rng = np.random.default_rng(seed)
+    constant = (CONSTANT, CONSTANT + C // 2) if consumer == "grouped_conv" else (CONSTANT,)
+    inits = [_t("w1", rng.normal(0, 0.3, (C, 3, 3, 3)))] + _bn_params(rng, constant=constant)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu1")]
+    if consumer == "conv_no_bias":
+        inits.append(_t("w2", rng.normal(0, 0.3, (4, C, 3, 3))))
+        nodes.append(helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"))
+        return _model(nodes, inits, [2, 4, 6, 6])
+    if consumer == "grouped_conv":
+        inits += [_t("w2", rng.normal(0, 0.3, (4, C // 2, 1, 1))), _t("c2", rng.normal(0, 0.3, 4))]
+        nodes.append(helper.make_node("Conv", ["r", "w2", "c2"], ["y"], group=2, name="conv2"))
+        return _model(nodes, inits, [2, 4, 8, 8])
+    if consumer == "gemm_flatten":
+        inits += [_t("w2", rng.normal(0, 0.3, (5, C * 64))), _t("c2", rng.normal(0, 0.3, 5))]
+        nodes += [helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+                  helper.make_node("Gemm", ["f", "w2", "c2"], ["y"], transB=1, alpha=0.7, beta=1.3, name="gemm")]
+        return _model(nodes, inits, [2, 5])
+    if consumer == "matmul_no_bias":
+        inits.append(_t("w2", rng.normal(0, 0.3, (C, 5))))
+        nodes += [helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+                  helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+                  helper.make_node("MatMul", ["f", "w2"], ["y"], name="mm")]
+        return _model(nodes, inits, [2, 5])
+    if consumer == "concat_offset":
+        inits += [_t("w0", rng.normal(0, 0.3, (2, 3, 1, 1))), _t("w2", rng.normal(0, 0.3, (4, C + 2, 1, 1))),
+                  _t("c2", rng.normal(0, 0.3, 4))]
+        nodes += [helper.make_node("Conv", ["x", "w0"], ["o"], name="conv0"),
+                  helper.make_node("Concat", ["o", "r"], ["cat"], axis=1, name="cat"),
+                  helper.make_node("Conv", ["cat", "w2", "c2"], ["y"], name="conv2")]
+        return _model(nodes, inits, [2, 4, 8, 8])
+    raise ValueError(consumer)
+
+
+def _group_of(prepared, producer):
+    return next(g for g in prepared.analysis.groups if producer in g.nodes("producer"))
+
+
+def _outputs(model, feeds):
+    return run(model, feeds)
+
+
+CONSUMERS = ["conv_no_bias", "grouped_conv", "gemm_flatten", "matmul_no_bias", "concat_offset"]
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+def test_constant_channel_is_removed_with_unchanged_outputs(consumer):
+    model = constant_channel_model(consumer)
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    channel = int(prepared.analysis.id_channel[prepared.analysis.layouts["c1"].ids[CONSTANT]])
+    stats = channel_statistics(prepared)
+    st = stats[group.id]
+    assert st.deterministic[channel] and st.mean[channel] == pytest.approx(BETA, rel=1e-6)
+    assert st.var[channel] == 0.0 and st.deterministic.sum() == 1
+    removed = [channel]
+    plan = Plan({group.id: GroupPlan(np.setdiff1d(np.arange(group.size), removed))})
+    shifted = compensate(prepared, plan, stats)
+    assert plan.groups[group.id].shift is None  # the input plan is not changed
+    feeds = feeds_for(model, samples=3)
+    reference = _outputs(model, feeds)
+    plain = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    result = ApplyPlanPass(prepared.analysis, shifted)(prepared.model).model
+    onnx.checker.check_model(result, full_check=True)
+    after = _outputs(result, feeds)
+    assert [o.shape for o in after] == [o.shape for o in reference]
+    assert relative_error(reference, after) < 1e-5
+    assert relative_error(reference, _outputs(plain, feeds)) > 1e-2  # without the shift the channel is missed
+    assert prepared.model.SerializeToString() == prepare(model).model.SerializeToString()  # input untouched
+
+
+def test_consumers_along_a_residual_stream_get_their_own_shift():
+    """x1 = relu(bn1(conv1 x)), x2 = bn2(conv2 x1), s = x1 + x2; conv2 reads x1, conv3 reads s.  Channel CONSTANT
+    is BETA in x1 and 1.5 in x2: conv2 must be shifted by BETA, conv3 by BETA + 1.5."""
+    rng = np.random.default_rng(3)
+    p2 = _bn_params(rng, "p")
+    gamma2 = numpy_helper.to_array(p2[1]).copy()
+    gamma2[CONSTANT] = 1.5
+    p2[1] = _t("pb", gamma2)
+    inits = [_t("w1", rng.normal(0, 0.3, (C, 3, 3, 3))), _t("w2", rng.normal(0, 0.3, (C, C, 1, 1))),
+             _t("w3", rng.normal(0, 0.3, (4, C, 1, 1)))] + _bn_params(rng) + p2
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["x1"], name="relu1"),
+             helper.make_node("Conv", ["x1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("BatchNormalization", ["c2", "pg", "pb", "pm", "pv"], ["x2"], name="bn2"),
+             helper.make_node("Add", ["x1", "x2"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "w3"], ["y"], name="conv3")]
+    model = _model(nodes, inits, [2, 4, 8, 8])
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    assert "conv2" in group.nodes("producer")  # tied through the Add
+    stats = channel_statistics(prepared)
+    plan = compensate(prepared, Plan({group.id: GroupPlan(np.setdiff1d(np.arange(C), [CONSTANT]))}), stats)
+    gplan = plan.groups[group.id]
+    assert gplan.shift_for("conv2")[CONSTANT] == pytest.approx(BETA)
+    assert gplan.shift_for("conv3")[CONSTANT] == pytest.approx(BETA + 1.5)
+    feeds = feeds_for(model)
+    result = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    assert relative_error(run(model, feeds), run(result, feeds)) < 1e-5
+    one_shift = Plan({group.id: GroupPlan(gplan.keep, shift=gplan.shift_for("conv2"))})
+    wrong = ApplyPlanPass(prepared.analysis, one_shift)(prepared.model).model
+    assert relative_error(run(model, feeds), run(wrong, feeds)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["residual_add", "concat", "se", "depthwise", "flatten_gemm", "grouped_conv",
+                                  "channel_shuffle", "blazeface_block"])
+def test_zero_channels_stay_exact_with_compensation(name):
+    prepared = prepare(fixture_path(name))
+    zeroed = zero_model(prepared, zero_channels_choice(prepared))
+    plan, zp = make_plan(zeroed, ratio=0.3, criterion="l1", compensate=False)
+    stats = channel_statistics(zp)
+    shifted = compensate(zp, plan, stats)
+    feeds = feeds_for(prepared.model)
+    result = ApplyPlanPass(zp.analysis, shifted)(zp.model).model
+    assert relative_error(run(zeroed, feeds), run(result, feeds)) < 1e-4
+
+
+def test_zero_channel_carrying_a_nonzero_constant_is_compensated_exactly():
+    """A zero-weight channel after Sigmoid carries sigmoid(bias) = const != 0 whatever BN running stats say."""
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(0, 0.3, (C, 3, 1, 1))
+    w1[1] = 0
+    bias = rng.normal(0, 1, C)
+    inits = [_t("w1", w1), _t("b1", bias), _t("w2", rng.normal(0, 0.3, (4, C, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Sigmoid", ["c1"], ["s"], name="sig"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2")]
+    model = _model(nodes, inits, [2, 4, 8, 8])
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    stats = channel_statistics(prepared)
+    assert stats[group.id].mean[1] == pytest.approx(1 / (1 + np.exp(-np.float32(bias[1]))), rel=1e-6)
+    assert stats[group.id].deterministic.tolist() == [c == 1 for c in range(C)]
+    plan = compensate(prepared, Plan({group.id: GroupPlan(np.setdiff1d(np.arange(C), [1]))}), stats)
+    feeds = feeds_for(model)
+    result = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+    assert relative_error(run(model, feeds), run(result, feeds)) < 1e-5
+
+
+# --- statistics: BatchNorm data-free, measured
+
+def test_batchnorm_statistics_through_silu_and_hardswish_patterns_match_sampling():
+    """Identity 1x1 conv -> BN -> {x * Sigmoid(x), x * HardSigmoid(x)}: with inputs drawn from the BN's running
+    statistics, the BN output is N(beta, gamma^2) and the data-free means/variances are what sampling gives."""
+    rng = np.random.default_rng(7)
+    running_mean, running_var = rng.normal(0, 1, C), rng.uniform(0.5, 2.0, C)
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(0, 1, C)
+    inits = [_t("eye", np.eye(C).reshape(C, C, 1, 1)), _t("g", gamma), _t("b", beta), _t("m", running_mean),
+             _t("v", running_var), _t("w2", rng.normal(0, 0.3, (4, 2 * C, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "eye"], ["c"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["z"], epsilon=0.0, name="bn"),
+             helper.make_node("Sigmoid", ["z"], ["sg"], name="sig"),
+             helper.make_node("Mul", ["z", "sg"], ["silu"], name="silu"),
+             helper.make_node("HardSigmoid", ["z"], ["hs"], alpha=1 / 6, beta=0.5, name="hsig"),
+             helper.make_node("Mul", ["z", "hs"], ["hswish"], name="hswish"),
+             helper.make_node("Concat", ["silu", "hswish"], ["cat"], axis=1, name="cat"),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], name="conv2")]
+    model = _model(nodes, inits, [1, 4, 1, 1], x_shape=(1, C, 1, 1))
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    st = channel_statistics(prepared)[group.id]
+    assert st.source == "bn"
+    x = running_mean + np.sqrt(running_var) * rng.standard_normal((400_000, C))
+    z = gamma * (x - running_mean) / np.sqrt(running_var) + beta
+    read = st.reads["conv2"]
+    # the group's channel c appears twice in the Concat (silu and hardswish of the same channel)
+    silu, hswish = z / (1 + np.exp(-z)), z * np.clip(z / 6 + 0.5, 0, 1)
+    both = np.concatenate([silu, hswish])
+    assert np.allclose(read.mean, both.mean(axis=0), rtol=0.02, atol=0.01)
+    assert np.allclose(read.var, both.var(axis=0), rtol=0.03)
+
+
+def test_measured_statistics_without_batchnorm():
+    rng = np.random.default_rng(11)
+    inits = [_t("w1", rng.normal(0, 0.3, (C, 3, 3, 3))), _t("b1", rng.normal(0.5, 0.5, C)),
+             _t("w2", rng.normal(0, 0.3, (4, C, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    inits += [_t("lo", 0.0), _t("hi", 6.0)]
+    model = _model(nodes, inits, [8, 4, 30, 30], x_shape=(8, 3, 32, 32))
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    synthetic = channel_statistics(prepared, samples=16)[group.id]
+    assert synthetic.source == "synthetic" and not synthetic.deterministic.any()
+    feeds = synthetic_inputs(model, samples=16)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name="r"))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = np.concatenate([session.run(["r"], f)[0] for f in feeds])
+    assert np.allclose(synthetic.mean, values.mean(axis=(0, 2, 3)), rtol=1e-5)
+    assert np.allclose(synthetic.var, values.var(axis=(0, 2, 3)), rtol=1e-4)
+    calib = [{"x": rng.normal(2.0, 1.0, (8, 3, 32, 32)).astype(np.float32)} for _ in range(2)]
+    measured = channel_statistics(prepared, calib=calib)[group.id]
+    values = np.concatenate([session.run(["r"], f)[0] for f in calib])
+    assert measured.source == "measured"
+    assert np.allclose(measured.mean, values.mean(axis=(0, 2, 3)), rtol=1e-5)
+    assert not np.allclose(measured.mean, synthetic.mean, rtol=0.05)
+
+
+def test_synthetic_images_have_a_pink_spectrum_and_the_input_normalisation():
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [], [4, 3, 64, 64], x_shape=(4, 3, 64, 64))
+    feeds = synthetic_inputs(model, samples=8, batch=4, seed=0)
+    assert len(feeds) == 2 and feeds[0]["x"].shape == (4, 3, 64, 64)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    pixels = x * np.array([0.229, 0.224, 0.225])[None, :, None, None] + np.array([0.485, 0.456, 0.406])[None, :, None, None]
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6  # valid images in [0, 1] before normalisation
+    power = np.abs(np.fft.rfft2(x - x.mean(axis=(2, 3), keepdims=True))) ** 2
+    low, high = power[..., 1:4, 1:4].mean(), power[..., 16:32, 16:32].mean()
+    assert low > 50 * high  # 1/f^2 power: most energy at low frequencies (white noise: ratio 1)
+    assert np.corrcoef(x[:, 0].ravel(), x[:, 1].ravel())[0, 1] > 0.6  # colour planes move together
+    again = synthetic_inputs(model, samples=8, batch=4, seed=0)
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(feeds, again))
+
+
+# --- compensation lowers the error; plan round trip; merges
+
+def large_mean_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv with large positive biases -> Relu -> Conv -> Relu -> Gemm: channels carry large means."""
+    rng = np.random.default_rng(seed)
+    inits = [_t("w1", rng.normal(0, 0.2, (16, 3, 3, 3))), _t("b1", rng.uniform(1.0, 3.0, 16)),
+             _t("w2", rng.normal(0, 0.2, (16, 16, 3, 3))), _t("b2", rng.uniform(0.5, 2.0, 16)),
+             _t("w3", rng.normal(0, 0.2, (10, 16 * 16))), _t("b3", np.zeros(10))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4, strides=[2, 2], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Flatten", ["r2"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc")]
+    return _model(nodes, inits, [2, 10])
+
+
+def test_compensation_strictly_lowers_the_error_on_channels_with_large_means():
+    model = large_mean_model()
+    plan, prepared = make_plan(model, ratio=0.5, criterion="l2", compensate=False)
+    stats = channel_statistics(prepared, samples=16)
+    assert {stats[g].source for g in plan.groups} == {"synthetic"}
+    shifted = compensate(prepared, plan, stats)
+    feeds = synthetic_inputs(model, samples=8, seed=1)  # fresh images, not the ones the means came from
+    reference = run(model, feeds)
+    plain_error = relative_error(reference, run(ApplyPlanPass(prepared.analysis, plan)(prepared.model).model, feeds))
+    shifted_error = relative_error(reference,
+                                   run(ApplyPlanPass(prepared.analysis, shifted)(prepared.model).model, feeds))
+    assert shifted_error < 0.5 * plain_error, (shifted_error, plain_error)
+
+
+def test_plan_with_shift_round_trips_through_json():
+    plan = Plan({0: GroupPlan([0, 2], shift=[0.0, 1.25, 0.0], consumer_shift={"conv": [0.0, -3.5, 0.0]}),
+                 1: GroupPlan([1])})
+    again = Plan.from_json(plan.to_json())
+    assert again.to_json() == plan.to_json()
+    assert again.groups[0].shift_for("conv").tolist() == [0.0, -3.5, 0.0]
+    assert again.groups[0].shift_for("other").tolist() == [0.0, 1.25, 0.0]
+    assert again.groups[1].shift is None
+    with pytest.raises(ValueError):
+        GroupPlan([0], shift=[np.nan, 1.0])
+
+
+def test_lost_means_for_pruning_and_merging():
+    mean = np.array([1.0, 2.0, 4.0, np.nan])
+    prune = np.eye(4)[:, [0, 2]]
+    assert lost_means(mean, prune, prune).tolist() == [0.0, 2.0, 0.0, 0.0]  # removed: its mean; unknown: 0
+    # channels 0 and 1 merged into their average (centripetal): each loses its distance to the average
+    merge = np.array([[0.5, 0], [0.5, 0], [0, 1], [0, 0]])
+    fold = np.array([[1.0, 0], [1.0, 0], [0, 1], [0, 0]])
+    assert lost_means(mean, fold, merge).tolist() == [-0.5, 0.5, 0.0, 0.0]
+    # identical channels merged: nothing is lost, so exact merges stay exact
+    same = np.array([3.0, 3.0, 4.0, 1.0])
+    assert lost_means(same, fold, merge).tolist() == [0.0, 0.0, 0.0, 1.0]
