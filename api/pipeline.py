@@ -515,9 +515,14 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
 
 
 def calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
-    from onnx_prune.runtime.fidelity import load_npz_inputs
+    """The --calib data as feeds: an .npz/.npy (N samples along the batch axis), an image folder (with the
+    preprocessing options) or a data-loader script (`runtime.data`)."""
+    from onnx_prune.runtime.data import load_feeds
 
+    preprocessing = {k: getattr(opts, k) for k in ("image_size", "mean", "std", "layout", "color")
+                     if getattr(opts, k) is not None}
     try:
-        return load_npz_inputs(opts.calib, prepared.model)
-    except (ValueError, OSError) as err:
-        raise PruneError(f"--calib {opts.calib}: {err}") from None
+        return load_feeds(opts.calib, prepared.model, **preprocessing)
+    except (PruneError, ValueError, OSError) as err:
+        message = str(err)
+        raise PruneError(message if str(opts.calib) in message else f"--calib {opts.calib}: {message}") from None
