@@ -91,9 +91,12 @@ class RidgeChoice:
 def restrict(moments: FoldMoments, keep: np.ndarray) -> FoldMoments:
     """The moments of the feature columns `keep` only."""
     index = np.asarray(keep)
+    position = {int(c): i for i, c in enumerate(index)}
+    probed = [i for i, c in enumerate(moments.probes.tolist()) if c in position]
     return FoldMoments(moments.gram[:, index][:, :, index], None if moments.cross is None else moments.cross[:, index],
-                       moments.yy, moments.rows, moments.source_sums[:, index], moments.source_rows,
-                       moments.bias and bool(index[-1] == moments.gram.shape[1] - 1))
+                       moments.yy, moments.rows, moments.source_sums[:, probed], moments.source_rows,
+                       moments.bias and bool(index[-1] == moments.gram.shape[1] - 1),
+                       np.array([position[int(moments.probes[i])] for i in probed], dtype=np.int64))
 
 
 def choose_ridge(moments: FoldMoments, theta0: np.ndarray, grid=RIDGE_GRID, finite_only: bool = False
@@ -365,7 +368,7 @@ def _output_energy(moments: FoldMoments) -> float:
 
 
 def obs_plan(prepared, counts: dict[int, int], feeds: list[dict], sources=None, *, folds: int = FOLDS,
-             positions: int = 128, batch: int = 16, seed: int = 0, ridge: float = 1e-3,
+             positions: int = 64, batch: int = 16, seed: int = 0, ridge: float = 1e-3,
              select_ridge: float = SELECT_RIDGE, interim: bool = True, quiet: bool = False) -> tuple["Plan", dict]:
     """Choose the kept channels of every group in `counts` (group id -> channels to keep) by group OBS on
     calibration `feeds`, group by group in topological order.  Each group's consumers are measured in the
@@ -513,7 +516,7 @@ class DamageCurve:
 
 
 def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.75), samples: int = 64, *,
-                  positions: int = 128, batch: int = 16, seed: int = 0, select_ridge: float = SELECT_RIDGE,
+                  positions: int = 64, batch: int = 16, seed: int = 0, select_ridge: float = SELECT_RIDGE,
                   quiet: bool = False) -> dict[int, DamageCurve]:
     """Per group, the damage to the model's outputs (`output_damage`, on the first `samples` feeds' samples)
     when that group alone loses `ratios` of its free channels, chosen and compensated by group OBS on the
@@ -630,7 +633,7 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
 
 def obs_prune(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
               counts: dict[int, int] | None = None, round_to=1, max_ratio: float = 1.0, ratios=(0.25, 0.5, 0.75),
-              damage_samples: int = 64, positions: int = 128, batch: int = 16, seed: int = 0,
+              damage_samples: int = 64, positions: int = 64, batch: int = 16, seed: int = 0,
               ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, reconstruct: bool = True,
               quiet: bool = False):
     """Second-order calibrated pruning end to end: allocation, selection, reconstruction.

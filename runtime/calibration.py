@@ -31,7 +31,8 @@ from onnx import helper, numpy_helper
 from onnx_prune.analysis.channels import subgraph_reads
 
 FOLDS = 4
-POSITIONS = 128   # output positions sampled per sample and layer (all of them where there are fewer)
+POSITIONS = 64    # output positions sampled per sample and layer (all of them where there are fewer)
+PROBES = 64       # features whose per-source sums are kept for the effective sample count
 
 
 def source_folds(sources: np.ndarray | None, count: int, folds: int = FOLDS) -> np.ndarray:
@@ -62,17 +63,19 @@ class FoldMoments:
     cross: np.ndarray | None         # (folds, F, O), None without targets
     yy: np.ndarray | None            # (folds, O)
     rows: np.ndarray                 # (folds,)
-    source_sums: np.ndarray          # (sources, F): sum of each feature over a source's rows
+    source_sums: np.ndarray          # (sources, probes): sum of each probed feature over a source's rows
     source_rows: np.ndarray          # (sources,)
     bias: bool = False
+    probes: np.ndarray | None = None  # the feature columns whose per-source sums are kept (for n_eff)
 
     @classmethod
     def empty(cls, features: int, outputs: int | None, folds: int, sources: int, bias: bool) -> "FoldMoments":
+        probes = np.unique(np.linspace(0, max(features - int(bias) - 1, 0), min(PROBES, features)).astype(np.int64))
         return cls(np.zeros((folds, features, features)),
                    None if outputs is None else np.zeros((folds, features, outputs)),
                    None if outputs is None else np.zeros((folds, outputs)),
-                   np.zeros(folds, dtype=np.int64), np.zeros((sources, features)), np.zeros(sources, dtype=np.int64),
-                   bias)
+                   np.zeros(folds, dtype=np.int64), np.zeros((sources, len(probes))),
+                   np.zeros(sources, dtype=np.int64), bias, probes)
 
     @property
     def folds(self) -> int:
@@ -88,8 +91,10 @@ class FoldMoments:
                 self.cross[f] += xf.T @ y[rows]
                 self.yy[f] += np.einsum("ij,ij->j", y[rows], y[rows])
             self.rows[f] += int(rows.sum())
-        np.add.at(self.source_sums, source, x)
-        np.add.at(self.source_rows, source, 1)
+        order = np.argsort(source, kind="stable")
+        ids, starts = np.unique(source[order], return_index=True)
+        self.source_sums[ids] += np.add.reduceat(x[order][:, self.probes], starts, axis=0)
+        self.source_rows[ids] += np.diff(np.append(starts, len(source)))
 
     def total(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
         """(G, C, yy, n) over all folds."""
@@ -98,17 +103,19 @@ class FoldMoments:
         return self.gram.sum(0), cross, yy, int(self.rows.sum())
 
     def effective_samples(self) -> float:
-        """Median over features of var(rows) / (n * var(mean) clustered by source): how many independent rows."""
+        """Median over probed features of var(rows) / (n * var(mean) clustered by source): independent rows."""
         gram, _, _, n = self.total()
         used = self.source_rows > 0
         if n < 2 or used.sum() < 2:
             return float(n)
-        features = gram.shape[0] - int(self.bias)
-        mean = self.source_sums[used, :features].sum(0) / n
-        variance = np.diag(gram)[:features] / n - mean ** 2
-        deviation = self.source_sums[used, :features] - self.source_rows[used, None] * mean
+        live_probes = self.probes < gram.shape[0] - int(self.bias)
+        probes = self.probes[live_probes]
+        sums = self.source_sums[used][:, live_probes]
+        mean = sums.sum(0) / n
+        variance = np.diag(gram)[probes] / n - mean ** 2
+        deviation = sums - self.source_rows[used, None] * mean
         mean_variance = (deviation ** 2).sum(0) / n ** 2
-        live = (variance > 1e-12 * max(float(variance.max()), 1e-30)) & (mean_variance > 0)
+        live = (variance > 1e-12 * max(float(variance.max(initial=0.0)), 1e-30)) & (mean_variance > 0)
         if not live.any():
             return float(n)
         return float(np.clip(np.median(variance[live] / mean_variance[live]), 1.0, n))
