@@ -43,6 +43,7 @@ class Elem:
     source: tuple | None = None  # const: (node name, input index, element index)
     ids: np.ndarray | None = None  # chan: the channel ids counted
     scale: float = 1.0  # chan: value / len(ids), e.g. 0.5 for C // 2
+    batch: bool = False  # other: the open leading dim of a tensor (the batch), `value` 1 only as a stand-in
 
 
 @dataclass

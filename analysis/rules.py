@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from onnx_prune.analysis.channels import Context, CountConstraint, Elem, subgraph_reads
-from onnx_prune.runtime.shapes import FOLD_LIMIT, evaluate
+from onnx_prune.runtime.shapes import EVALUATED as FOLDABLE, FOLD_LIMIT, evaluate
 
 INT64_MAX = 2**63 - 1
 
@@ -88,15 +88,16 @@ def _shape_scenarios(ctx: Context, node: onnx.NodeProto) -> list[np.ndarray] | N
 
 
 def fold_scenarios(ctx: Context, node: onnx.NodeProto) -> None:
-    """Evaluate a shape computation (no channel tensor among its inputs, at least one tracked computed input,
-    the rest small constants) once per scenario, with the bounded numpy ops of `runtime.shapes.evaluate`."""
+    """Evaluate a shape computation (no channel tensor among its inputs, each input a tracked computed value or a
+    small constant: Conv2dStaticSamePadding writes its pads as ConstantOfShape/Concat/Reshape/Slice/Transpose
+    of constants) once per scenario, with the bounded numpy ops of `runtime.shapes.evaluate`."""
     if node.op_type == "Shape":
         runs = _shape_scenarios(ctx, node)
         if runs is not None:
             ctx.variants[node.output[0]] = runs
         return
     names = [n for n in node.input if n]
-    if not names or any(ctx.layout(n) is not None for n in names) or not any(n in ctx.variants for n in names):
+    if not names or any(ctx.layout(n) is not None for n in names) or node.op_type not in FOLDABLE:
         return
     constants = {n: ctx.const(n) for n in names if n not in ctx.variants}
     if any(v is None or v.size > FOLD_LIMIT for v in constants.values()):
@@ -121,7 +122,12 @@ def shapevec(ctx: Context, node: onnx.NodeProto, index: int) -> list[Elem] | Non
     if name in ctx.shapevecs:
         return ctx.shapevecs[name]
     value = ctx.const(name)
-    if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
+    if value is None:  # computed from constants only (x.view(x.size(0), -1) unsqueezes a -1): fixed, not editable
+        found = ctx.invariant(name) if name else None
+        if found is None or not found[1].all() or found[0].dtype.kind not in "iu" or found[0].ndim > 1:
+            return None
+        return [Elem("const", int(v)) for v in found[0].reshape(-1)]
+    if value.dtype.kind not in "iu" or value.ndim > 1:
         return None
     return [Elem("const", int(v), (node.name, index, i)) for i, v in enumerate(value.reshape(-1))]
 
@@ -137,7 +143,8 @@ def shape_rule(ctx: Context, node: onnx.NodeProto) -> None:
         if lay is not None and i == lay.axis:
             elems.append(Elem("chan", len(lay.ids), ids=lay.ids))
         else:
-            elems.append(Elem("other", d if isinstance(d, int) else (1 if i == 0 else None)))
+            elems.append(Elem("other", d) if isinstance(d, int) else
+                         Elem("other", 1, batch=True) if i == 0 else Elem("other", None))
     start, end = attr(node, "start", 0), attr(node, "end", None)
     ctx.shapevecs[node.output[0]] = elems[start:end]
 
@@ -569,7 +576,7 @@ def _slice_bound(ctx: Context, node: onnx.NodeProto, index: int, vector: list[El
     if elem.value is None or elem.kind == "other":
         return None
     bound = int(np.clip(elem.value + size if elem.value < 0 else elem.value, 0, size))
-    if elem.kind == "const":
+    if elem.kind == "const" and elem.source is not None:
         ctx.shape_edit(("input", *elem.source), ids[:bound])
     elif all(e.value is not None for e in vector):
         ctx.shape_edit(("input", node.name, index, k), ids[:bound], tuple(e.value for e in vector))
@@ -682,10 +689,11 @@ def _keeps_count(ctx: Context, elem: Elem, ids: np.ndarray, where: str = "") -> 
                                                      f"{where or 'a shape'} computes a channel count that "
                                                      "pruning could make inconsistent"))
         return True
+    if elem.kind == "const" and elem.value == -1:
+        return True  # inferred from the other dims: follows by itself
     if elem.kind == "const" and elem.source is not None and elem.value is not None:
-        if elem.value != -1:
-            node, index, element = elem.source
-            ctx.shape_edit(("input", node, index, element), ids)
+        node, index, element = elem.source
+        ctx.shape_edit(("input", node, index, element), ids)
         return True
     return False
 
@@ -764,6 +772,8 @@ def reshape(ctx: Context, node: onnx.NodeProto) -> None:
     positions = np.broadcast_to(np.arange(size).reshape(index_shape), shape)
     moved = _numpy_reshape(ctx, node, positions)
     found = _channel_axis(moved) if moved is not None else None
+    if out_dims is None and moved is not None and node.op_type == "Reshape":
+        out_dims = [None] * moved.ndim  # inference lost the sizes; the target spells out the rank
     if found is None or out_dims is None or not _static_channel_dim(ctx, node, found[0], out_dims):
         block(ctx, node, "reshapes channels in a way that cannot be followed")
         return
@@ -784,7 +794,14 @@ def _static_channel_dim(ctx: Context, node: onnx.NodeProto, axis: int, out_dims:
     if isinstance(out_dims[axis], int):
         return True
     target = shapevec(ctx, node, 1) if node.op_type == "Reshape" else None
-    return target is not None and target[axis].kind in ("chan", "const") and target[axis].value not in (-1, 0)
+    if target is None:
+        return False
+    if target[axis].kind in ("chan", "const") and target[axis].value not in (-1, 0):
+        return True
+    # x.view(x.size(0), -1): the batch is spelled out in front, so the -1 takes only the static dims after it
+    return (axis != 0 and target[0].batch and target[axis].kind == "const" and target[axis].value == -1
+            and all(e.value is not None and e.value > 0 and not e.batch
+                    for k, e in enumerate(target) if k not in (0, axis)))
 
 
 def _reshape_target_follows(ctx: Context, node: onnx.NodeProto, axis: int, out_ids, lay) -> bool:

@@ -328,17 +328,21 @@ def tf_same_padding() -> onnx.ModelProto:
     def scalar(value):
         return b.tensor(b.uid("const"), np.array(value, np.int64))
 
-    def same_pad(x, k, s):
-        shape = b.op("Shape", [x])
-        amounts = []
-        for axis in (3, 2):  # torch lists the last dim first
-            size = b.op("Gather", [shape, scalar(axis)], axis=0)
-            out = b.op("Div", [b.op("Add", [size, scalar(s - 1)]), scalar(s)])  # ceil(size / s)
-            total = b.op("Sub", [b.op("Add", [b.op("Mul", [b.op("Sub", [out, scalar(1)]), scalar(s)]), scalar(k)]), size])
-            total = b.op("Max", [total, scalar(0)])
-            first = b.op("Div", [total, scalar(2)])
-            amounts += [first, b.op("Sub", [total, first])]
-        listed = b.op("Concat", [b.op("Unsqueeze", [a, b.ints(0)]) for a in amounts], axis=0)
+    def same_pad(x, k, s, static=False):
+        if static:  # Conv2dStaticSamePadding: the amounts are constants, reordered at run time all the same
+            listed = b.ints(0, 1, 0, 1)
+        else:
+            shape = b.op("Shape", [x])
+            amounts = []
+            for axis in (3, 2):  # torch lists the last dim first
+                size = b.op("Gather", [shape, scalar(axis)], axis=0)
+                out = b.op("Div", [b.op("Add", [size, scalar(s - 1)]), scalar(s)])  # ceil(size / s)
+                total = b.op("Sub", [b.op("Add", [b.op("Mul", [b.op("Sub", [out, scalar(1)]), scalar(s)]),
+                                                  scalar(k)]), size])
+                total = b.op("Max", [total, scalar(0)])
+                first = b.op("Div", [total, scalar(2)])
+                amounts += [first, b.op("Sub", [total, first])]
+            listed = b.op("Concat", [b.op("Unsqueeze", [a, b.ints(0)]) for a in amounts], axis=0)
         missing = b.op("Sub", [scalar(8), b.op("Gather", [b.op("Shape", [listed]), scalar(0)], axis=0)])
         zeros = b.op("ConstantOfShape", [b.op("Unsqueeze", [missing, b.ints(0)])],
                      value=numpy_helper.from_array(np.zeros(1, np.int64)))
@@ -347,16 +351,21 @@ def tf_same_padding() -> onnx.ModelProto:
         pads = b.op("Reshape", [b.op("Transpose", [pairs], perm=[1, 0]), b.ints(-1)])
         return b.op("Pad", [x, pads], mode="constant")
 
-    def same_conv(x, cin, cout, k, s, group=1):
+    def same_conv(x, cin, cout, k, s, group=1, static=False):
         name = b.uid("conv")
         w = b.tensor(f"{name}.weight", b.randn(cout, cin // group, k, k))
         bias = b.tensor(f"{name}.bias", b.randn(cout))
-        return b.op("Conv", [same_pad(x, k, s), w, bias], name=name, kernel_shape=[k, k], strides=[s, s], group=group)
+        return b.op("Conv", [same_pad(x, k, s, static), w, bias], name=name, kernel_shape=[k, k], strides=[s, s],
+                    group=group)
 
     h = b.relu(same_conv("x", 3, 8, 3, 2))
-    h = b.relu(same_conv(h, 8, 8, 3, 2, group=8))  # depthwise
-    h = b.relu(same_conv(h, 8, 16, 1, 1))
-    b.head(h, 16)
+    h = b.relu(same_conv(h, 8, 8, 3, 2, group=8, static=True))  # depthwise, constant amounts
+    h = b.op("GlobalAveragePool", [b.relu(same_conv(h, 8, 16, 1, 1))])
+    # x.view(x.size(0), -1): the -1 is an Unsqueeze of a constant, computed at run time
+    batch = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", ["x"]), scalar(0)], axis=0), b.ints(0)])
+    flat = b.op("Reshape", [h, b.op("Concat", [batch, b.op("Unsqueeze", [scalar(-1), b.ints(0)])], axis=0)])
+    w, bias = b.tensor("fc.weight", b.randn(10, 16)), b.tensor("fc.bias", b.randn(10))
+    b.op("Gemm", [flat, w, bias], ["logits"], name="fc", transB=1)
     return b.model(13)
 
 

@@ -205,6 +205,9 @@ _EVAL = {
 }
 
 
+EVALUATED = frozenset(_EVAL)
+
+
 def _fold_variadic(fn, args):
     out = args[0]
     for arg in args[1:]:
