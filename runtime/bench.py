@@ -33,6 +33,7 @@ class LatencyResult:
     p90_ms: float
     mean_ms: float
     runs: int  # timed runs, warm-up excluded
+    clock: str = "wall"  # "cpu": the thread's CPU time (one intra-op thread), see `run_clock`
 
     def to_dict(self) -> dict:
         """Plain dict for JSON reports."""
@@ -48,14 +49,29 @@ def _batch_feed(model, batch: int, seed: int, shapes: dict[str, list[int]] | Non
     return feed
 
 
-def _timed_runs_ms(session, feed: dict[str, np.ndarray], warmup: int, repeat: int) -> np.ndarray:
+def run_clock(threads: int | None, provider: str = "cpu") -> tuple[str, Callable[[], float]]:
+    """("cpu", time.thread_time) for a CPU session with one intra-op thread, else ("wall", time.perf_counter).
+
+    With one thread onnxruntime computes in the calling thread, so that thread's CPU time is the run's time
+    without the stretches other processes held the CPU: on a shared machine a wall clock stretches a run by
+    every time slice it waits for, the longer the run the more, while the CPU time does not (cache and memory
+    contention still show).  With several threads (or a GPU) only the wall clock tells the time."""
+    from .sessions import CPU, provider_name
+
+    if threads == 1 and provider_name(provider) == CPU:
+        return "cpu", time.thread_time
+    return "wall", time.perf_counter
+
+
+def _timed_runs_ms(session, feed: dict[str, np.ndarray], warmup: int, repeat: int,
+                   clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
     for _ in range(warmup):
         session.run(None, feed)
     timings = np.empty(repeat)
     for index in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         session.run(None, feed)
-        timings[index] = time.perf_counter() - start
+        timings[index] = clock() - start
     return timings * 1e3
 
 
@@ -76,7 +92,8 @@ def benchmark(
     fallbacks for the nodes it cannot run: TensorRT -> CUDA -> CPU, CUDA -> CPU).
     Inputs are random (`fidelity.make_inputs`) with the leading dim set to each batch
     and other dynamic dims from `shapes`; timings include host-device copies. `threads`
-    sets intra-op threads (None: onnxruntime's default). `progress` is called with each
+    sets intra-op threads (None: onnxruntime's default; 1 on the CPU times the thread's CPU time, see
+    `run_clock`). `progress` is called with each
     result as it completes. Raises ValueError for a batch the model cannot take.
     """
     if repeat < 1:
@@ -86,8 +103,9 @@ def benchmark(
     results = []
     for provider in available_providers(providers):
         session = make_session(model_or_path, provider_chain(provider), threads)
+        clock_name, clock = run_clock(threads, provider)
         for batch, feed in feeds.items():
-            timings = _timed_runs_ms(session, feed, warmup, repeat)
+            timings = _timed_runs_ms(session, feed, warmup, repeat, clock)
             result = LatencyResult(
                 provider=provider,
                 batch=batch,
@@ -95,6 +113,7 @@ def benchmark(
                 p90_ms=float(np.percentile(timings, 90)),
                 mean_ms=float(np.mean(timings)),
                 runs=repeat,
+                clock=clock_name,
             )
             results.append(result)
             if progress is not None:
@@ -161,6 +180,7 @@ class SpeedupCheck:
     pruned_ms: float
     runs: int
     predicted_ms: float | None = None  # what the latency model predicted for the pruned model, when one was used
+    clock: str = "wall"  # "cpu" with one CPU thread (`run_clock`)
 
     @property
     def speedup(self) -> float:
@@ -170,7 +190,7 @@ class SpeedupCheck:
         provider = self.provider.removesuffix("ExecutionProvider")
         predicted = f", predicted {self.predicted_ms:.2f} ms" if self.predicted_ms is not None else ""
         return (f"speed ({provider}, batch {self.batch}, {self.threads or 'default'} threads, {self.runs} runs "
-                f"each): original {self.original_ms:.2f} ms, pruned {self.pruned_ms:.2f} ms{predicted}, "
+                f"each{', CPU time' if self.clock == 'cpu' else ''}): original {self.original_ms:.2f} ms, pruned {self.pruned_ms:.2f} ms{predicted}, "
                 f"speed-up {self.speedup:.2f}x")
 
     def verdict(self, min_speedup: float | None = None) -> tuple[str | None, int]:
@@ -214,12 +234,13 @@ def check_speedup(
     for session in sessions:
         for _ in range(warmup):
             session.run(None, feed)
+    clock_name, clock = run_clock(threads, chosen)
     timings = np.empty((2, repeat))
     for index in range(repeat):
         order = (0, 1) if index % 2 == 0 else (1, 0)  # alternate who goes first: neither always follows the other
         for which in order:
-            start = time.perf_counter()
+            start = clock()
             sessions[which].run(None, feed)
-            timings[which, index] = time.perf_counter() - start
+            timings[which, index] = clock() - start
     original_ms, pruned_ms = (float(np.median(row)) * 1e3 for row in timings)
-    return SpeedupCheck(chosen, batch, threads, original_ms, pruned_ms, repeat, predicted_ms)
+    return SpeedupCheck(chosen, batch, threads, original_ms, pruned_ms, repeat, predicted_ms, clock_name)

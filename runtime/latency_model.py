@@ -44,7 +44,7 @@ from onnx_prune.errors import PruneError
 
 from .sessions import CPU, make_session, provider_chain, provider_name
 
-TABLE_VERSION = 3
+TABLE_VERSION = 4
 MAX_UNIT = 32                 # widths divisible by this count as aligned for every kernel we know of
 ADAPTER_CHANNELS = 16         # divisible by the NCHWc block of AVX2 (8) and AVX-512 (16)
 GRID_POINTS = 6               # aligned widths measured per axis (plus the full width)
@@ -432,10 +432,11 @@ def cache_path(key: dict) -> Path:
 
 def _timed_ms(model: onnx.ModelProto, feed: dict, provider: str, threads: int | None, repeat: int,
               warmup: int = 2) -> float:
-    from .bench import _timed_runs_ms
+    from .bench import _timed_runs_ms, run_clock
 
     session = make_session(model, provider_chain(provider), threads)
-    return float(np.quantile(_timed_runs_ms(session, feed, warmup, repeat), QUANTILE))
+    return float(np.quantile(_timed_runs_ms(session, feed, warmup, repeat, run_clock(threads, provider)[1]),
+                             QUANTILE))
 
 
 def _tiny_model(nodes, inputs, outputs, inits, opset: int) -> onnx.ModelProto:
@@ -476,12 +477,15 @@ class _Timer:
         for session, (_, feed) in zip(sessions, graphs):
             for _ in range(warmup):
                 session.run(None, feed)
+        from .bench import run_clock
+
+        self.clock, clock = run_clock(self.threads, self.provider)
         timings = np.empty((len(graphs), self.repeat))
         for round_index in range(self.repeat):
             for index, (session, (_, feed)) in enumerate(zip(sessions, graphs)):
-                began = time.perf_counter()
+                began = clock()
                 session.run(None, feed)
-                timings[index, round_index] = time.perf_counter() - began
+                timings[index, round_index] = clock() - began
         self.measured += len(graphs)
         return [float(np.quantile(row, QUANTILE)) * 1e3 for row in timings]
 
@@ -713,6 +717,7 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
                      f"({time.perf_counter() - start:.0f} s)")
     table = {"version": TABLE_VERSION, "nodes": nodes, "batch": int(batch), "provider": provider,
              "threads": threads, "repeat": repeat, "quantile": QUANTILE, "layers_timed": timer.measured,
+             "clock": getattr(timer, "clock", "wall"),
              "calibration": {"fixed_ms": 0.0, "scale": 1.0, "points": []}}
     bare = LatencyModel(table)
     # the whole model as it is and uniformly slimmed, timed in the same interleaved rounds (both see the same load)

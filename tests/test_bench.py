@@ -127,3 +127,16 @@ def test_speed_verdict_warns_when_slower_and_fails_below_min_speedup():
     assert faster.verdict(min_speedup=1.2) == (None, 0)
     message, status = faster.verdict(min_speedup=1.5)
     assert status == 4 and "speed-up 1.25x" in message
+
+
+def test_one_cpu_thread_is_timed_by_its_cpu_time():
+    import time
+
+    from onnx_prune.runtime.bench import check_speedup, run_clock
+
+    assert run_clock(1) == ("cpu", time.thread_time)
+    assert run_clock(2) == ("wall", time.perf_counter)
+    assert run_clock(None) == ("wall", time.perf_counter)
+    assert run_clock(1, "cuda") == ("wall", time.perf_counter)
+    assert [r.clock for r in benchmark(_conv_model(), providers=["cpu"], warmup=0, repeat=2, threads=1)] == ["cpu"]
+    assert check_speedup(_conv_model(), _conv_model(), threads=2, repeat=2, warmup=0).clock == "wall"
