@@ -631,31 +631,28 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
     return allocator.counts_for(target, "global")
 
 
-def obs_prune(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
-              counts: dict[int, int] | None = None, round_to=1, max_ratio: float = 1.0, ratios=(0.25, 0.5, 0.75),
-              damage_samples: int = 64, positions: int = 64, batch: int = 16, seed: int = 0,
-              ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, reconstruct: bool = True,
-              quiet: bool = False):
-    """Second-order calibrated pruning end to end: allocation, selection, reconstruction.
+def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
+               counts: dict[int, int] | None = None, cost_model=None, round_to=1, max_ratio: float = 1.0,
+               ratios=(0.25, 0.5, 0.75), damage_samples: int = 64, positions: int = 64, batch: int = 16,
+               seed: int = 0, ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, quiet: bool = False):
+    """Allocation and selection, the Plan part of second-order calibrated pruning: (Plan, details).
 
     - `target`: a `passes.constraints.Target`; `group_ids`: the groups that may shrink (default: every
       prunable one; the caller removes excluded / protected ones); `counts` overrides the allocation.
-    - `allocation`: "damage" (measured per-group damage curves, `damage_curves`, minimised by `damage_counts`)
-      or "uniform" (the same share of every group, as the data-free methods do).
-    - selection: `obs_plan`; reconstruction (`reconstruct`): `passes.repair.repair` (ridge toward the original
-      weights chosen by cross-validation over source folds, bias-only compensation as the fallback).
-    Returns (pruned model, details, plan)."""
+    - `allocation`: "damage" (measured per-group damage curves, `damage_curves`, minimised by `damage_counts`
+      under the target, `round_to` and `max_ratio`) or "uniform" (the same share of every group).
+    - selection: `obs_plan`.  The Plan is plain pruning; reconstruct the weights after the rewrite with
+      `passes.repair.repair(..., sources=sources)` (what `obs_prune` does)."""
     from onnx_prune.passes.allocate import Allocator, CostModel
-    from onnx_prune.passes.repair import repair
-    from onnx_prune.passes.rewrite import ApplyPlanPass
     from onnx_prune.runtime.cost import count_cost
 
     analysis = prepared.analysis
     group_ids = sorted(group_ids if group_ids is not None else [g.id for g in analysis.prunable_groups])
     details: dict = {"allocation": allocation if counts is None else "given"}
     if counts is None:
-        cost = count_cost(prepared.model)
-        cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
+        if cost_model is None:
+            cost = count_cost(prepared.model)
+            cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
         if allocation == "damage":
             curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
                                    batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
@@ -670,10 +667,44 @@ def obs_prune(prepared, target, feeds: list[dict], sources=None, *, group_ids=No
                                        for g, n in sorted(counts.items())}
     plan, details["selection"] = obs_plan(prepared, counts, feeds, sources, positions=positions, batch=batch,
                                           seed=seed, ridge=ridge, select_ridge=select_ridge, quiet=quiet)
-    model = ApplyPlanPass(analysis, plan)(prepared.model).model
+    return plan, details
+
+
+def obs_prune(prepared, target, feeds: list[dict], sources=None, *, reconstruct: bool = True, **options):
+    """Second-order calibrated pruning end to end: `obs_select` (allocation, selection; `options` as there),
+    the rewrite, and reconstruction by `passes.repair.repair` (ridge toward the original weights chosen by
+    cross-validation over source folds, bias-only compensation as the fallback).  (model, details, plan)."""
+    from onnx_prune.passes.repair import repair
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+
+    plan, details = obs_select(prepared, target, feeds, sources, **options)
+    model = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
     if reconstruct:
         samples = sum(len(next(iter(f.values()))) for f in feeds)
-        model, report = repair(prepared.model, model, feeds, analysis, plan, ridge=ridge, batch=batch, seed=seed,
-                               sources=sources, quiet=quiet, rows=positions * samples)
+        model, report = repair(prepared.model, model, feeds, prepared.analysis, plan,
+                               ridge=options.get("ridge", 1e-3), batch=options.get("batch", 16),
+                               seed=options.get("seed", 0), sources=sources, quiet=options.get("quiet", False),
+                               rows=options.get("positions", 64) * samples)
         details["reconstruction"] = report.to_dict()
     return model, details, plan
+
+
+def progressive_obs(prepared, schedule, feeds: list[dict], sources=None, **options):
+    """Reach the last fraction of `schedule` (fractions of the ORIGINAL MACs, decreasing, e.g. (0.9, 0.8, 0.67))
+    in several prune-reconstruct steps: each step prunes the previous step's model to the next fraction with
+    `obs_prune`, taking its targets from that model.  Returns (model, details per step).  `options`: as
+    `obs_prune` (no `group_ids`: every step analyses its own model)."""
+    from onnx_prune.passes.constraints import Target
+    from onnx_prune.pipeline import prepare
+    from onnx_prune.runtime.cost import count_cost
+
+    base = count_cost(prepared.model).macs
+    current, steps = prepared, []
+    for fraction in schedule:
+        now = count_cost(current.model).macs / base
+        if fraction >= now:
+            continue
+        model, details, _ = obs_prune(current, Target(macs=fraction / now), feeds, sources, **options)
+        steps.append({"target": fraction, "reached": count_cost(model).macs / base, **details})
+        current = prepare(model)
+    return current.model, steps

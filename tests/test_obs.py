@@ -332,3 +332,28 @@ def test_damage_curves_rise_with_the_share_removed_and_start_at_zero():
         assert curve.removed[0] == 0 and curve.damage[0] == 0.0
         assert all(d >= 0 for d in curve.damage) and curve.damage[-1] > 0
         assert curve.damage[-1] >= curve.damage[1]
+
+
+def test_obs_prune_reaches_the_target_with_a_valid_model_closer_to_the_original_than_data_free_pruning():
+    from conftest import fixture_path
+    from invariants import feeds_for, relative_error
+    from onnx_prune.passes.constraints import Target
+    from onnx_prune.passes.obs import obs_prune
+    from onnx_prune.passes.rewrite import ApplyPlanPass
+    from onnx_prune.pipeline import PruneOptions, build_plan, prepare
+    from onnx_prune.runtime.cost import count_cost
+
+    prepared = prepare(fixture_path("depthwise"))
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=32)
+    test = feeds_for(prepared.model, seed=2, batch=4, samples=2)
+    model, details, plan = obs_prune(prepared, Target(macs=0.6), calib, quiet=True)
+    onnx.checker.check_model(model, full_check=True)
+    macs = count_cost(prepared.model).macs
+    assert count_cost(model).macs / macs == pytest.approx(0.6, abs=0.6 * 0.02)
+    assert set(details) >= {"damage_curves", "allocation_per_group", "selection", "reconstruction"}
+    assert sum(v["kept"] for v in details["allocation_per_group"].values()) < \
+        sum(v["size"] for v in details["allocation_per_group"].values())
+    base = build_plan(prepared, PruneOptions(target_macs=0.6), count_cost(prepared.model))
+    data_free = ApplyPlanPass(prepared.analysis, base)(prepared.model).model
+    original = run(prepared.model, test)
+    assert relative_error(original, run(model, test)) < relative_error(original, run(data_free, test))
