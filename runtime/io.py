@@ -318,6 +318,27 @@ def sweep_stale_staging(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def write_text(path: str | os.PathLike, text: str, *, input_path: str | os.PathLike | None = None,
+               label: str = "report") -> Path:
+    """Write a report or plan atomically (a temporary file beside it, then a rename), with the mode a new file
+    gets; refused like any output when it is a file `input_path` reads (see `check_output_paths`)."""
+    path = Path(path)
+    check_output_paths(input_path, others={label: path})
+    sweep_stale_staging(path.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=path.parent))
+    try:
+        staged = staging / path.name
+        with open(staged, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(staged, _file_mode())
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """Would `model` not fit in one protobuf file?"""
     return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - HEADROOM

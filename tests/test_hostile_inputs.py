@@ -394,3 +394,14 @@ def test_bad_external_data_is_a_user_error(tmp_path, location, words):
         onnx_prune.prepare(path)
     with pytest.raises(PruneError):
         onnx_prune.analyze(path)
+
+
+def test_reports_are_written_atomically_and_never_over_the_input(tmp_path):
+    onnx.save(_chain(), str(tmp_path / "in.onnx"))
+    before = (tmp_path / "in.onnx").read_bytes()
+    with pytest.raises(OutputPathError, match="input model"):
+        io.write_text(tmp_path / "in.onnx", "{}", input_path=tmp_path / "in.onnx", label="--report")
+    assert (tmp_path / "in.onnx").read_bytes() == before
+    io.write_text(tmp_path / "r.json", '{"a": 1}\n', input_path=tmp_path / "in.onnx")
+    assert (tmp_path / "r.json").read_text() == '{"a": 1}\n'
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "r.json"]
