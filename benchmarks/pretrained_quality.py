@@ -204,7 +204,9 @@ def torch_pruning_model(model: str, target: float, p: int) -> tuple["onnx.ModelP
     net, share, ratio = best
     extra = {"tp_ratio": round(ratio, 4), "tp_mac_share": round(share, 4), "torch_pruning": tp.__version__}
     TP_CACHE.mkdir(parents=True, exist_ok=True)
-    build_pretrained.export(net.eval(), cached, "fused")
+    tmp = cached.with_suffix(f".{id(net)}.tmp")  # parallel runs may race for the same entry: rename atomically
+    build_pretrained.export(net.eval(), tmp, "fused")
+    tmp.replace(cached)
     cached.with_suffix(".json").write_text(json.dumps(extra))
     return onnx.load(str(cached)), extra
 
@@ -351,8 +353,35 @@ def row_label(row: dict) -> str:
     return f"{row['method']} (calib {row['calib']}{photos})"
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One line per model, kind and target: best data-free and best calibrated onnx-prune row, random,
+    Torch-Pruning group L1/L2 (agreement; the method in brackets)."""
+    def best(candidates: list[dict], named: bool = True) -> str:
+        scored = [r for r in candidates if "top1_agreement" in r]
+        if not scored:
+            return "—" if candidates else ""
+        top = max(scored, key=lambda r: r["top1_agreement"])
+        off = f" @{top['keep_macs']:.0%}" if abs(top["keep_macs"] - top["keep_target"]) > 0.015 else ""
+        return f"{top['top1_agreement']:.3f}{off}" + (f" ({row_label(top)})" if named else "")
+
+    lines = ["## Summary", "", "Top-1 agreement with the unpruned model; best configuration in brackets.", "",
+             "| model | kind | MACs kept | best data-free | best calibrated | random/domino-o | torch-pruning L1 "
+             "| torch-pruning L2 |", "|---|---|---|---|---|---|---|---|"]
+    for (model, kind) in dict.fromkeys((r["model"], r["kind"]) for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["kind"] == kind and r["method"] != "unpruned"]
+        for t in sorted({r["keep_target"] for r in mine}, reverse=True):
+            at = [r for r in mine if r["keep_target"] == t]
+            ours = [r for r in at if not r["method"].startswith("torch-pruning")]
+            cells = [best([r for r in ours if not r["calib"]]), best([r for r in ours if r["calib"]]),
+                     best([r for r in ours if r["method"] == "random/domino-o" and not r["calib"]], False),
+                     best([r for r in at if r["method"] == "torch-pruning group-L1"], False),
+                     best([r for r in at if r["method"] == "torch-pruning group-L2"], False)]
+            lines.append(f"| {model} | {kind} | {t:.0%} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, ""]
+    lines = [header, ""] + summary(rows)
     for (model, kind) in dict.fromkeys((r["model"], r["kind"]) for r in rows):
         mine = [r for r in rows if r["model"] == model and r["kind"] == kind and r["method"] != "unpruned"]
         unpruned = next(r for r in rows if r["model"] == model and r["kind"] == kind and r["method"] == "unpruned")
@@ -398,9 +427,9 @@ def plot(rows: list[dict], path: Path, series: int = 8) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["model"], r["kind"]) for r in rows))
-    columns = min(3, len(panels))
+    columns = min(2, len(panels))
     lines_ = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(lines_, columns, figsize=(5.2 * columns, 4.2 * lines_), squeeze=False)
+    fig, axes = plt.subplots(lines_, columns, figsize=(7.5 * columns, 4.0 * lines_), squeeze=False)
     colours = plt.get_cmap("tab10").colors
     markers = "osD^v<>Ph*X"
     for ax, (model, kind) in zip(axes.flat, panels):
@@ -418,11 +447,14 @@ def plot(rows: list[dict], path: Path, series: int = 8) -> None:
             style = "--" if label.startswith("torch-pruning") else "-"
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=markers[i % len(markers)],
                     color=colours[i % len(colours)], label=label, linewidth=1.3, markersize=6)
+        targets = sorted({r["keep_target"] for r in mine})
         ax.set_title(f"{model} ({kind})", fontsize=10)
         ax.set_xlabel("share of MACs kept")
         ax.set_ylabel("top-1 agreement with unpruned")
         ax.set_ylim(-0.03, 1.03)
-        ax.invert_xaxis()
+        if targets:
+            ax.set_xlim(max(targets) + 0.04, min(targets) - 0.04)  # decreasing MACs to the right
+            ax.set_xticks(targets, [f"{t:.0%}" for t in targets])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[len(panels):]:
@@ -503,7 +535,8 @@ def write_outputs(rows: list[dict], args, started: float, final: bool) -> None:
         {"command": command, "machine": machine, "seconds": round(time.perf_counter() - started, 1),
          "photos": {side: photo_split.side_photos(side) for side in photo_split.SIDES}, "rows": rows},
         indent=1) + "\n")
-    header = (f"# Pretrained quality ({'quick' if args.quick else 'full'} run{'' if final else ', partial'})\n\n"
+    run = "merged runs" if args.from_json else f"{'quick' if args.quick else 'full'} run"
+    header = (f"# Pretrained quality ({run}{'' if final else ', partial'})\n\n"
               f"`{command}` — "
               f"{time.perf_counter() - started:.0f} s on {machine}.")
     text = markdown(rows, header)

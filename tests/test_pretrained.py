@@ -140,3 +140,16 @@ def test_export_kinds_differ_only_in_batchnorm_and_agree(name):
         record = RECORDS[name]["kinds"][kind]
         assert scores.argmax(1).tolist() == record["labelled_predictions"]
         assert int((scores.argmax(1) == labels).sum()) == record["labelled_top1"]["correct"]
+
+
+def test_benchmark_forked_run_gives_the_in_process_model():
+    import pretrained_quality as pq
+    from onnx_prune.pipeline import prepare
+
+    prepared = prepare(str(ROOT / "models" / "fixtures" / "residual_add.onnx"))
+    inline, row = pq.run_one(prepared, 0.7, {"criterion": "l2"}, timeout=None)
+    forked, forked_row = pq.run_one(prepared, 0.7, {"criterion": "l2"}, timeout=120)
+    assert inline.SerializeToString() == forked.SerializeToString()
+    assert row["keep_macs"] == forked_row["keep_macs"] <= 0.71
+    refused, error = pq.run_one(prepared, 0.7, {"criterion": "no-such-criterion"}, timeout=120)
+    assert refused is None and "no-such-criterion" in error["error"]
