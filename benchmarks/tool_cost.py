@@ -176,7 +176,7 @@ def fitted_exponent(sizes: list[int], seconds: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="50,500,5000", help="comma-separated conv counts")
+    p.add_argument("--sizes", default="50,500,5000", help="comma-separated conv counts ('' for none: the big model only)")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--big-gb", type=float, default=2.1, help="weights of the external-data model, in GB (1e9 B)")
     p.add_argument("--no-big", action="store_true", help="skip the model over 2 GB")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.ratio, args.profile)))
         return 0
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_before = os.getloadavg()
     rows = []
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  peak RSS {big['peak_rss_mb']:.0f} MB ({big['peak_rss_mb'] / size_mb:.2f}x the model)",
                   file=sys.stderr, flush=True)
     exponents = {}
-    for kind in ("plain", "residual"):
+    for kind in ("plain", "residual") if len(sizes) > 1 else ():
         mine = [r for r in rows if r["kind"] == kind]
         exponents[kind] = {
             "analysis_and_prune": fitted_exponent([r["convs"] for r in mine], [r["analysis_and_prune_s"] for r in mine]),
