@@ -72,28 +72,40 @@ def cnn(n_convs: int, residual: bool, channels: int = 16, size: int = 8, seed: i
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def big_cnn(gigabytes: float, channels: int = 1024, seed: int = 0) -> onnx.ModelProto:
-    """Wide 3x3 convs (channels -> channels, 4x4 maps) until the weights pass `gigabytes` (1e9 bytes)."""
+def write_big_cnn(path: Path, gigabytes: float, channels: int = 1024, seed: int = 0) -> None:
+    """Wide 3x3 convs (channels -> channels, 4x4 maps) until the weights pass `gigabytes` (1e9 bytes), written
+    straight to `path` + ".data" one tensor at a time (the model never sits in memory whole)."""
     rng = np.random.default_rng(seed)
     per_conv = channels * channels * 9 * 4
     n = int(np.ceil(gigabytes * 1e9 / per_conv))
+    data_name = path.name + ".data"
     nodes, inits = [], []
-    stem = numpy_helper.from_array(rng.standard_normal([channels, 3, 3, 3], dtype=np.float32), "stem_w")
-    inits.append(stem)
-    nodes.append(helper.make_node("Conv", ["x", "stem_w"], ["s"], name="stem", pads=[1] * 4))
-    current = "s"
-    for index in range(n):
-        w = rng.standard_normal([channels, channels, 3, 3], dtype=np.float32)
-        w *= 0.01
-        inits.append(numpy_helper.from_array(w, f"w{index}"))
-        nodes.append(helper.make_node("Conv", [current, f"w{index}"], [f"c{index}"], name=f"conv{index}",
-                                      pads=[1] * 4))
-        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"], name=f"relu{index}"))
-        current = f"r{index}"
+
+    def external(name: str, array: np.ndarray, data) -> TensorProto:
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(data.tell())), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        data.write(array.tobytes())
+        return tensor
+
+    with open(path.parent / data_name, "wb") as data:
+        inits.append(external("stem_w", rng.standard_normal([channels, 3, 3, 3], dtype=np.float32), data))
+        nodes.append(helper.make_node("Conv", ["x", "stem_w"], ["s"], name="stem", pads=[1] * 4))
+        current = "s"
+        for index in range(n):
+            w = rng.standard_normal([channels, channels, 3, 3], dtype=np.float32)
+            w *= 0.01
+            inits.append(external(f"w{index}", w, data))
+            nodes.append(helper.make_node("Conv", [current, f"w{index}"], [f"c{index}"], name=f"conv{index}",
+                                          pads=[1] * 4))
+            nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"], name=f"relu{index}"))
+            current = f"r{index}"
     nodes.append(helper.make_node("GlobalAveragePool", [current], ["y"], name="pool"))
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 1, 1])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
 def write_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -207,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_big:
             path = Path(tmp) / "big.onnx"
             t0 = time.perf_counter()
-            model = big_cnn(args.big_gb)
-            write_model(model, path, external=True)
-            del model
+            write_big_cnn(path, args.big_gb)
             generate_s = time.perf_counter() - t0
             size_mb = (path.stat().st_size + (path.parent / (path.name + ".data")).stat().st_size) / 1e6
             big = measure(path, args.ratio)
