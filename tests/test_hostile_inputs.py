@@ -405,3 +405,15 @@ def test_reports_are_written_atomically_and_never_over_the_input(tmp_path):
     io.write_text(tmp_path / "r.json", '{"a": 1}\n', input_path=tmp_path / "in.onnx")
     assert (tmp_path / "r.json").read_text() == '{"a": 1}\n'
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "r.json"]
+
+
+# --- 12. which opsets work: every opset from 11 to the newest the installed onnx knows (README says so)
+
+@pytest.mark.parametrize("opset", range(11, onnx.defs.onnx_opset_version() + 1))
+def test_every_opset_from_11_prunes_and_loads(opset):
+    model = _chain(widths=(3, 8, 8), opset=opset)
+    model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    pruned, _ = onnx_prune.prune(model, ratio=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    io.check_result(pruned)  # onnxruntime loads it at its default optimisation level
+    assert next(t for t in pruned.graph.initializer if t.name == "w0").dims[0] == 4
