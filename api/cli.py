@@ -284,6 +284,7 @@ def _analyze_parser() -> Parser:
     p.add_argument("--all", action="store_true", help="list every group, not only the 40 largest by MAC share")
     p.add_argument("--criteria-clusters", action="store_true",
                    help="also show how the pruning criteria cluster (Spearman rank correlation per group)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
 
@@ -301,6 +302,7 @@ def _bench_parser() -> Parser:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims other than batch")
     p.add_argument("--report", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
 
@@ -311,6 +313,7 @@ def _report_parser() -> Parser:
     p.add_argument("--plot", metavar="OUT.png", help="draw the reports (needs matplotlib: the 'plot' extra)")
     p.add_argument("--label", action="append", default=None, metavar="TEXT",
                    help="legend label per report, in order (default: method and MACs kept)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
 
@@ -636,6 +639,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 def run_analyze(argv: list[str], console: Console) -> int:
     args = _analyze_parser().parse(argv)
+    console.quiet = args.quiet
     import onnx_prune
 
     if args.against:
@@ -679,6 +683,7 @@ def run_analyze(argv: list[str], console: Console) -> int:
 
 def run_report(argv: list[str], console: Console) -> int:
     args = _report_parser().parse(argv)
+    console.quiet = args.quiet
     from onnx_prune.errors import PruneError
     from onnx_prune.report import plot_reports, summary
 
@@ -710,6 +715,7 @@ def run_report(argv: list[str], console: Console) -> int:
 
 def run_bench(argv: list[str], console: Console) -> int:
     args = _bench_parser().parse(argv)
+    console.quiet = args.quiet
     from onnx_prune.errors import PruneError
     from onnx_prune.runtime.bench import benchmark, compare_latency, format_latency_table
     from onnx_prune.runtime.cost import cost_ratio, count_cost

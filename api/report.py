@@ -275,6 +275,12 @@ def plot_reports(reports: list[dict], path, labels: list[str] | None = None) -> 
             kept = target_record(data).get("macs_kept")
             if value is not None and kept is not None:
                 qa.plot([100 * kept], [100 * value], color=colour, marker=marker, markersize=8, linestyle="none")
+        before = next(((r.get("validation") or {}).get("accuracy_before") for r in reports
+                       if (r.get("validation") or {}).get("accuracy_before") is not None), None)
+        if before is not None and metric == "accuracy":  # the unpruned model, for reference
+            qa.plot([100], [100 * before], color="0.4", marker="*", markersize=12, linestyle="none")
+            qa.annotate("original", (100, 100 * before), textcoords="offset points", xytext=(-8, -16),
+                        ha="right", color="0.4")
         qa.set_xlabel("MACs kept (%)")
         qa.set_ylabel(f"{metric} (%)")
         qa.set_title(f"{metric} against MACs kept")

@@ -9,6 +9,8 @@ One entry point, `load_data(spec, model, ...)`, turns what users hold into onnxr
 - a folder: image files (PNG, JPEG, BMP, WebP; sorted by path) for a single image input, preprocessed
   explicitly: resized to `image_size` (default: the model's H, W), pixels scaled to [0, 1], `(x - mean) / std`
   per channel, in the model's `layout` (NCHW/NHWC) and `color` order (RGB/BGR/GRAY).
+- `PATH[a:b]`: feeds a to b of any of these (samples, for a dynamic batch), e.g. `eval.npz[:256]` to
+  calibrate and `eval.npz[256:]` to validate on one file.
 - `.py`: a data-loader script defining `load_data()` that yields feed dicts (polygraphy's convention); a
   `label`/`labels` entry of a feed is taken as that feed's labels.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -115,8 +118,11 @@ def load_data(spec, model: ModelLike, labels=None, **preprocessing) -> Dataset:
     """A `Dataset` for `model` from `spec`: a path (.npz, .npy, folder of images, .py loader), a feed dict or
     list of feed dicts, or one array (single-input models). `labels`: a path (.npy/.npz/.txt) or an array of
     class ids; otherwise `label`/`labels` arrays found in the data are used."""
-    prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.of(**preprocessing)
+    prep = Preprocessing.of(**preprocessing)
     specs = input_specs(model)
+    selected = None
+    if isinstance(spec, (str, os.PathLike)) and not Path(spec).exists():
+        spec, selected = _split_selection(os.fspath(spec))
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if not path.exists():
@@ -142,9 +148,41 @@ def load_data(spec, model: ModelLike, labels=None, **preprocessing) -> Dataset:
         dataset.labels = read_labels(labels)
     if dataset.labels is not None:
         dataset.labels = _checked_labels(dataset.labels, dataset.samples)
+    if selected is not None:
+        dataset = _select(dataset, selected)
     if not dataset.feeds:
         raise DataError(f"{dataset.source}: no samples")
     return dataset
+
+
+_SELECTION = re.compile(r"^(.*)\[(-?\d*):(-?\d*)\]$")
+
+
+def _split_selection(text: str) -> tuple[str, slice | None]:
+    """'data.npz[:256]' -> ('data.npz', slice(None, 256)): a range of feeds (samples, for a dynamic batch)."""
+    match = _SELECTION.match(text)
+    if not match:
+        return text, None
+    start, stop = (int(v) if v else None for v in match.group(2, 3))
+    return match.group(1), slice(start, stop)
+
+
+def _select(dataset: Dataset, selected: slice) -> Dataset:
+    """The feeds in `selected` (and their labels)."""
+    bounds = np.cumsum([0] + [_feed_batch(f) for f in dataset.feeds])
+    indices = range(len(dataset.feeds))[selected]
+    feeds = [dataset.feeds[i] for i in indices]
+    labels = None
+    if dataset.labels is not None:
+        labels = np.concatenate([dataset.labels[bounds[i]:bounds[i + 1]] for i in indices]) if feeds else \
+            dataset.labels[:0]
+    count = sum(_feed_batch(f) for f in feeds)
+    where = f"[{'' if selected.start is None else selected.start}:{'' if selected.stop is None else selected.stop}]"
+    source = re.sub(r"^\d+ (sample|image)s? from (.*)$",
+                    lambda m: f"{count} {m.group(1)}{'s' * (count != 1)} from {m.group(2)}{where}", dataset.source)
+    if not feeds:
+        raise DataError(f"{source}: the range selects no samples")
+    return Dataset(feeds, source, labels, dataset.synthetic, list(dataset.notes))
 
 
 # --- .npz / .npy / arrays ----------------------------------------------------------

@@ -46,13 +46,26 @@ def test_bench_two_models(tmp_path, capsys):
     assert code == 0 and "speed-up" in out
 
 
+def _conv_to_output(path):
+    """x -> Conv -> graph output: every channel is an output channel, so nothing can be pruned."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "head",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 @pytest.mark.parametrize("make_input, args, words", [
     (lambda d: d / "missing.onnx", [], "no such file"),
     (lambda d: (d / "junk.onnx").write_bytes(b"\x00not a model at all") and d / "junk.onnx", [], "not an ONNX model"),
     (lambda d: fixture_path("se"), ["--ratio", "1.0"], "--ratio must be in [0, 1)"),
     (lambda d: fixture_path("se"), ["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
     (lambda d: fixture_path("se"), ["--exclude", "no_such_node"], "no node of the model has that name"),
-    (lambda d: fixture_path("loop_subgraph"), [], "nothing to prune"),
+    (lambda d: _conv_to_output(d / "head_only.onnx"), [], "nothing to prune"),
 ])
 def test_bad_input_is_one_line_error_without_output(tmp_path, capsys, make_input, args, words):
     out = tmp_path / "out.onnx"

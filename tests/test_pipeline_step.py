@@ -306,10 +306,23 @@ def test_sigterm_while_working_cleans_up_and_exits_143(tmp_path):
     assert nothing_written(tmp_path, "o.onnx")
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Has process `pid` installed a handler for `signum`? (Linux: the SigCgt mask in /proc/PID/status)"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
 def test_sigint_during_imports_is_one_line():
     process = subprocess.Popen([sys.executable, "-m", "onnx_prune_main", str(RESNET20), "x.onnx"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # the package imports (onnx, onnxruntime, scipy) take longer than this
+    # wait until the entry point catches SIGTERM (its first act), then interrupt the package imports that follow
+    deadline = time.time() + 60
+    while not _catches(process.pid, signal.SIGTERM) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err and err.strip() == \
