@@ -616,10 +616,11 @@ def damage_scores(curves: dict[int, DamageCurve], analysis, cost_model, kind: st
 
 
 def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, cost_model, round_to=1,
-                  max_ratio: float = 1.0) -> dict[int, int]:
-    """Channels each group keeps for `target` (a `passes.constraints.Target`: ratio, MACs or params) so that
-    the summed measured damage is least: the allocator's global ranking over `damage_scores` (greedy on the
-    damage per MAC saved).  Groups without a curve (no measurable consumer) stay whole."""
+                  max_ratio: float = 1.0, make_allocator=None) -> dict[int, int]:
+    """Channels each group keeps for `target` (a `passes.constraints.Target`) so that the summed measured
+    damage is least: the allocator's global ranking over `damage_scores` (greedy on the damage per MAC, or per
+    parameter, saved).  Groups without a curve (no measurable consumer) stay whole.  `make_allocator(scores)`:
+    the caller's Allocator factory (e.g. one that knows a latency model); default: one from the arguments."""
     from onnx_prune.passes.allocate import Allocator
 
     kind = "params" if target.kind == "params" else "macs"
@@ -627,13 +628,17 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
     for gid in group_ids:
         if gid not in scores:
             scores[gid] = np.full(prepared.analysis.groups[gid].size, 1e300)
-    allocator = Allocator(prepared.analysis, scores, cost_model, round_to, max_ratio, comparable=True)
+    if make_allocator is None:
+        allocator = Allocator(prepared.analysis, scores, cost_model, round_to, max_ratio)
+    else:
+        allocator = make_allocator(scores)
+    allocator.comparable = True  # the scores are damage per MAC in every group: rank them as they are
     return allocator.counts_for(target, "global")
 
 
 def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
                counts: dict[int, int] | None = None, cost_model=None, round_to=1, max_ratio: float = 1.0,
-               ratios=(0.25, 0.5, 0.75), damage_samples: int = 64, positions: int = 64, batch: int = 16,
+               make_allocator=None, ratios=(0.25, 0.5, 0.75), damage_samples: int = 64, positions: int = 64, batch: int = 16,
                seed: int = 0, ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, quiet: bool = False):
     """Allocation and selection, the Plan part of second-order calibrated pruning: (Plan, details).
 
@@ -656,11 +661,14 @@ def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=N
         if allocation == "damage":
             curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
                                    batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
-            counts = damage_counts(prepared, curves, group_ids, target, cost_model, round_to, max_ratio)
+            counts = damage_counts(prepared, curves, group_ids, target, cost_model, round_to, max_ratio,
+                                   make_allocator)
             details["damage_curves"] = {analysis.groups[g].name: c.to_dict() for g, c in curves.items()}
         elif allocation == "uniform":
             scores = {g: np.zeros(analysis.groups[g].size) for g in group_ids}
-            counts = Allocator(analysis, scores, cost_model, round_to, max_ratio).counts_for(target, "uniform")
+            allocator = make_allocator(scores) if make_allocator else \
+                Allocator(analysis, scores, cost_model, round_to, max_ratio)
+            counts = allocator.counts_for(target, "uniform")
         else:
             raise ValueError(f"unknown allocation '{allocation}' (damage or uniform)")
     details["allocation_per_group"] = {analysis.groups[g].name: {"size": analysis.groups[g].size, "kept": int(n)}
