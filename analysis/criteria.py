@@ -323,7 +323,9 @@ def _accumulate(size: int, filters: FilterSet, scores: np.ndarray) -> np.ndarray
 @dataclass
 class Scoring:
     """What criteria read besides the group: weights, the BatchNorms of the graph, seed, Nystrom landmarks
-    (None: the prototypes' rank), how BatchNorm enters the filters (`BN_MODES`), and for bnvar the statistics
+    (None: the prototypes' rank), how BatchNorm enters the filters (`BN_MODES`; "gamma" by default: on the
+    pretrained MobileNetV2 with BatchNorm kept, raw filters x |gamma| beat BN-folded ones for l1, l2 and fpgm
+    at 90% of MACs, benchmarks/results/bnvar_quality.md), and for bnvar the statistics
     of what each group's consumers read (`analysis.expected.channel_statistics`: a dict by group id, or a
     zero-argument callable computing it, called once on first use).  `notes` collects what the criteria
     measured on the way (``notes["nystrom"][layer]``: the approximation's rank, landmarks and measured error;
@@ -333,18 +335,18 @@ class Scoring:
     batchnorms: dict[str, onnx.NodeProto]   # every BatchNormalization node by name
     seed: int = 0
     landmarks: int | None = None
-    bn_mode: str = "folded"
+    bn_mode: str = "gamma"
     statistics: "dict | Callable[[], dict] | None" = None
     notes: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, weights: Weights, seed: int = 0, landmarks: int | None = None,
-           bn_mode: str = "folded", statistics: "dict | Callable[[], dict] | None" = None) -> "Scoring":
+           bn_mode: str = "gamma", statistics: "dict | Callable[[], dict] | None" = None) -> "Scoring":
         batchnorms = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
         return cls(weights, batchnorm_after(model), batchnorms, seed, landmarks, bn_mode, statistics)
 
     @classmethod
-    def for_prepared(cls, prepared, seed: int = 0, landmarks: int | None = None, bn_mode: str = "folded",
+    def for_prepared(cls, prepared, seed: int = 0, landmarks: int | None = None, bn_mode: str = "gamma",
                      calib=None) -> "Scoring":
         """Scoring of a `pipeline.Prepared` model, with its channel statistics computed when first needed:
         data-free from BatchNorm where the graph has it, else measured on `calib` (feeds or an .npz path) or,

@@ -43,7 +43,7 @@ class MethodInput:
     def scoring(self) -> Scoring:
         if self._scoring is None:
             self._scoring = Scoring.for_prepared(self.prepared, self.opts.seed, self.opts.landmarks,
-                                                 calib=self.calibration)  # statistics computed when first read
+                                                 self.opts.bn_weighting, calib=self.calibration)  # statistics lazily
         return self._scoring
 
     @cached_property

@@ -190,7 +190,8 @@ def test_domino_o_counts_a_folded_batchnorm_once():
     depthwise = np.linalg.norm(_folded_rows(w, "conv2", "bn2"), axis=1)
     per_channel = len(depthwise) // group.size  # depthwise positions of each channel (multiplier)
     expected = expected + depthwise.reshape(group.size, per_channel).sum(axis=1)
-    scores = channel_scores(group, Scoring.of(prepared.model, prepared.weights()), "l2", "domino-o")
+    scores = channel_scores(group, Scoring.of(prepared.model, prepared.weights(), bn_mode="folded"), "l2",
+                            "domino-o")
     np.testing.assert_allclose(scores, expected, rtol=1e-9)
 
 
@@ -215,13 +216,18 @@ def test_bn_criterion_reads_gamma():
 
 # --- prune() keeps what the requested criterion ranks highest
 
-MARKERS = {"conv0": "bn0.scale", "conv1": "bn1.scale", "conv5": "conv5.bias"}  # a vector per group, by producer
+# per group (by producer): a tensor and axis whose slices are distinct per channel and that pruning only slices
+# (compensation edits consumer biases, so no bias serves)
+MARKERS = {"conv0": ("bn0.scale", 0), "conv1": ("bn1.scale", 0), "conv5": ("fc.weight", 1)}
 
 
-def _kept_channels(original: dict, pruned: onnx.ModelProto, marker: str) -> np.ndarray:
-    """Which channels of the original survive, read off a per-channel vector of distinct values."""
-    after = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}[marker].astype(np.float64)
-    return np.sort(np.nonzero(np.isin(original[marker], after))[0])
+def _kept_channels(original: dict, pruned: onnx.ModelProto, marker: tuple[str, int]) -> np.ndarray:
+    """Which channels of the original survive, read off slices of a tensor that are distinct per channel."""
+    name, axis = marker
+    after = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}[name].astype(np.float64)
+    before = np.moveaxis(original[name], axis, 0).reshape(original[name].shape[axis], -1)
+    after = np.moveaxis(after, axis, 0).reshape(after.shape[axis], -1)
+    return np.sort([c for c in range(len(before)) if any(np.array_equal(before[c], row) for row in after)])
 
 
 def _top(scores: np.ndarray, n_keep: int) -> np.ndarray:
@@ -301,10 +307,11 @@ def test_calibration_criteria_drop_a_dead_channel_first(tmp_path):
     np.savez(data, x=np.random.default_rng(0).standard_normal((8, 1, 3, 8, 8)).astype(np.float32))
     original = _weights(model)
     for criterion in ("apoz", "activation"):
-        pruned, report = onnx_prune.prune(model, ratio=0.25, criterion=criterion, calib=str(data))
+        pruned, report = onnx_prune.prune(model, ratio=0.25, criterion=criterion, calib=str(data), compensate=False)
         conv1 = next(g for g in report.groups if g.name == "conv1")
         assert conv1.kept == 3
-        assert 2 not in _kept_channels(original, pruned, "conv1.bias")
+        kept = _kept_channels(original, pruned, ("conv1.bias", 0))  # no compensation: biases only sliced
+        assert len(kept) == 3 and 2 not in kept
 
 
 # --- bnvar: the variance of what consumers read, times their squared weights
@@ -340,7 +347,7 @@ def test_bnvar_removes_a_nearly_dead_channel_first_where_folded_l2_keeps_it():
     prepared = prepare(dead_channel_model())
     group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
     scoring = Scoring.for_prepared(prepared)
-    folded_l2 = channel_scores(group, scoring, "l2", "domino-o")
+    folded_l2 = channel_scores(group, Scoring.for_prepared(prepared, bn_mode="folded"), "l2", "domino-o")
     bnvar = channel_scores(group, scoring, "bnvar")
     assert int(np.argmax(folded_l2)) == 3  # today's default keeps it above every other channel
     assert int(np.argmin(bnvar)) == 3 and bnvar[3] < 1e-6 * np.sort(bnvar)[1]
