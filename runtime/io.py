@@ -12,6 +12,7 @@ The guarantees `save` and `check_output_paths` give (the CLI relies on them):
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -105,11 +106,21 @@ def load(path: str | os.PathLike) -> LoadedModel:
 def external_data_files(model_path: str | os.PathLike) -> list[Path]:
     """The external-data files the tensors of the model at `model_path` name (resolved, whether they exist
     or not), in first-use order; empty when it cannot be parsed (`load` will say why)."""
-    model_path = Path(model_path)
+    model_path = Path(model_path).resolve()
+    try:
+        st = model_path.stat()
+    except OSError:
+        return []
+    return list(_external_data_files(model_path, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _external_data_files(model_path: Path, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
+    """Parsed once per file version: the CLI checks its outputs before work and `save` checks again."""
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # not our business here: loading reports it
-        return []
+        return ()
     found: dict[Path, None] = {}
     for tensor in _graph_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -117,7 +128,7 @@ def external_data_files(model_path: str | os.PathLike) -> list[Path]:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if location:
             found[(model_path.parent / location).resolve()] = None
-    return list(found)
+    return tuple(found)
 
 
 def files_read_by(model_path: str | os.PathLike) -> list[Path]:
