@@ -106,7 +106,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
 def external_data_files(model_path: str | os.PathLike) -> list[Path]:
     """The external-data files the tensors of the model at `model_path` name (resolved, whether they exist
     or not), in first-use order; empty when it cannot be parsed (`load` will say why)."""
-    model_path = Path(model_path).resolve()
+    model_path = Path(os.path.abspath(model_path))  # onnx reads data beside the path given, not a link's target
     try:
         st = model_path.stat()
     except OSError:
