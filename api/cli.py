@@ -413,6 +413,11 @@ def _preprocessing(args) -> dict:
     return {name: getattr(args, name, None) for name in PREPROCESSING_FIELDS}
 
 
+def as_flags(message: str) -> str:
+    """An API message that names keywords (`image_size=`) naming the flags instead (`--image-size`)."""
+    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)=(?=\W|$)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def _validation_data(args, prepared):
     """The validation Dataset, loaded before any pruning so a bad file costs nothing (None: --no-validate)."""
     from onnx_prune.errors import PruneError
@@ -427,7 +432,7 @@ def _validation_data(args, prepared):
         try:
             return load_data(spec, prepared.model, labels=args.labels, **_preprocessing(args))
         except PruneError as err:
-            raise type(err)(f"{flag} {spec}: {err}") from None
+            raise type(err)(f"{flag} {spec}: {as_flags(str(err))}") from None
     try:
         feeds = make_inputs(prepared.model, seed=args.seed, shapes=_parse_shapes(args.shape) or None, samples=4)
     except ValueError as err:
@@ -439,17 +444,11 @@ def _validation_data(args, prepared):
 # --- the run: build -> check -> validate -> gates -> write -> report ----------------------------------
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    """Temporary file beside `path`, then rename: a reader sees the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(folder, f".onnx-prune-{os.getpid()}-{os.path.basename(path)}.tmp")
-    try:
-        with open(temporary, "w") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+def _write_text(path: str, text: str, input_path=None, label: str = "report") -> None:
+    """Atomically (temporary file beside it, then rename), never over a file the input reads (runtime.io)."""
+    from onnx_prune.runtime import io as model_io
+
+    model_io.write_text(path, text, input_path=input_path, label=label)
 
 
 def _remove_written(paths: list[str]) -> None:
@@ -458,11 +457,11 @@ def _remove_written(paths: list[str]) -> None:
             os.unlink(path)
 
 
-def _write_json(path: str, data: dict) -> None:
+def _write_json(path: str, data: dict, input_path=None, label: str = "--report") -> None:
     from onnx_prune.runtime.sessions import runtime_versions
 
     data = _finite(dict(data, versions=runtime_versions()))
-    _write_text_atomically(path, json.dumps(data, indent=1, default=_json_default, allow_nan=False) + "\n")
+    _write_text(path, json.dumps(data, indent=1, default=_json_default, allow_nan=False) + "\n", input_path, label)
 
 
 def _gate_failures(args, validation) -> list[str]:
@@ -487,7 +486,7 @@ def _finish(args, console: Console, prepared, model, report, data, started: floa
         console.notice(f"onnx-prune: validating against the original on {data.source} ...")
         with console.muted():
             validation = validate(prepared.model, model, data, seed=args.seed)
-        console.notice(*(f"onnx-prune: note: {n}" for n in validation.notes))
+        console.notice(*(f"onnx-prune: note: {as_flags(n)}" for n in validation.notes))
     failures = _gate_failures(args, validation)
     result = report.to_dict()
     result["validation"] = validation.to_dict() if validation else None
@@ -533,7 +532,7 @@ def _write_outputs(args, prepared, model, result: dict, blend) -> None:
             save_blend_weights(blend, args.blend_report)
             written.append(args.blend_report)
         if args.report:
-            _write_json(args.report, result)
+            _write_json(args.report, result, args.input)
     except BaseException:
         _remove_written(written)
         raise
@@ -582,7 +581,7 @@ def run_plan(argv: list[str], console: Console) -> int:
 
     with console.muted():
         text = plan_file(args.input, _options_from(args))
-    _write_text_atomically(args.plan, text + "\n")
+    _write_text(args.plan, text + "\n", args.input, "the plan")
     console.notice(f"onnx-prune: wrote a plan for {len(json.loads(text)['groups'])} groups to {args.plan}")
     return EXIT_OK
 
@@ -756,7 +755,7 @@ def run_bench(argv: list[str], console: Console) -> int:
             console.result(f"{r.provider:28s} batch {r.batch:4d}  median {r.median_ms:8.3f} ms  "
                            f"p90 {r.p90_ms:8.3f} ms")
     if args.report:
-        _write_json(args.report, out)
+        _write_json(args.report, out, args.model)
     return EXIT_OK
 
 

@@ -257,7 +257,7 @@ def _arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], prep: Preproc
         if _is_pixels(array, spec):
             notes.append(f"{spec.name!r}: uint8 pixels scaled to [0, 1]"
                          + (f", then (x - {list(prep.mean or [0])}) / {list(prep.std or [1])}"
-                            if prep.mean or prep.std else " (no --mean/--std given)"))
+                            if prep.mean or prep.std else " (no mean=/std= given)"))
         stacks[spec.name] = _as_feed_stack(array, spec, prep, source)
     counts = {name: len(stack) for name, stack in stacks.items()}
     if len(set(counts.values())) > 1:
@@ -339,7 +339,7 @@ def _per_channel(values, default: float, channels: int, what: str) -> np.ndarray
     if len(values) == 1:
         return np.full(channels, values[0], np.float32)
     if len(values) != channels:
-        raise DataError(f"--{what} has {len(values)} values for {channels} channels")
+        raise DataError(f"{what}= has {len(values)} values for {channels} channels")
     return np.asarray(values, np.float32)
 
 
@@ -364,7 +364,7 @@ def _image_input(specs: list[InputSpec], source: str) -> InputSpec:
     images = [s for s in specs if s.dims is not None and len(s.dims) == 4 and s.dtype.kind in "fu"]
     if len(specs) != 1 or len(images) != 1:
         raise DataError(f"{source}: an image folder feeds a model with one image input (rank 4); this model has "
-                        f"inputs {[s.name for s in specs]} (use an .npz or a --data-loader script)")
+                        f"inputs {[s.name for s in specs]} (use an .npz or a .py data loader)")
     return images[0]
 
 
@@ -376,13 +376,13 @@ def _image_plan(spec: InputSpec, prep: Preprocessing, source: str) -> tuple[str,
     color = prep.color or ("GRAY" if channels == 1 else "RGB")
     wanted = 1 if color == "GRAY" else 3
     if isinstance(channels, int) and channels != wanted:
-        raise DataError(f"{source}: --color {color} gives {wanted} channel(s), the model input has {channels} "
-                        f"({layout}; give --layout if that is wrong)")
+        raise DataError(f"{source}: color= {color} gives {wanted} channel(s), the model input has {channels} "
+                        f"({layout}; give layout= if that is wrong)")
     size = prep.image_size
     if size is None:
         h, w = spec.dims[h_axis], spec.dims[w_axis]
         if not (isinstance(h, int) and isinstance(w, int)):
-            raise DataError(f"{source}: the model's image size is dynamic; give --image-size H,W")
+            raise DataError(f"{source}: the model's image size is dynamic; give image_size= H,W")
         size = (h, w)
     return layout, color, size
 

@@ -135,8 +135,11 @@ def test_gray_images_for_a_one_channel_model_and_a_dynamic_size_needs_image_size
     model = onnx.load(str(fixture_path("se")))
     for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
         dim.dim_param = "size"
-    with pytest.raises(DataError, match="give --image-size"):
+    with pytest.raises(DataError, match="give image_size= H,W"):  # named as the API caller spells it
         load_feeds(tmp_path / "images", model)
+    onnx.save(model, str(tmp_path / "dynamic.onnx"))
+    code, _, err = cli(tmp_path / "dynamic.onnx", tmp_path / "o.onnx", "--inputs", tmp_path / "images")
+    assert code == 1 and "give --image-size H,W" in err  # and as the command line spells it
 
 
 def test_data_loader_script_with_labels(tmp_path):
