@@ -275,7 +275,8 @@ def run_one(prepared, fraction: float, options: dict, timeout: float | None) -> 
 
 def benchmark_model(model: str, kinds: list[str], keep: list[float], args, tp_cache: dict,
                     rows: list[dict], done_kind=lambda: None) -> list[dict]:
-    """Append ``model``'s rows (each export kind) to ``rows``; ``done_kind()`` after each kind."""
+    """Append ``model``'s rows (each export kind) to ``rows``; ``done_kind()`` after each row and each kind
+    (the caller rewrites its outputs: a stopped run keeps what it measured)."""
     data = Data(model, args.eval_crops)
     calib_files: dict[tuple[int, int | None], Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,6 +309,7 @@ def benchmark_model(model: str, kinds: list[str], keep: list[float], args, tp_ca
                         if pruned is not None:
                             row.update(measure(reference, predict(pruned, data.x), data.labels))
                         rows.append(row)
+                        done_kind()
                         log(f"  {model} [{kind}] {config.label:34s} calib {calib:4d} photos {photos or 'all':>3} "
                             f"keep {fraction:.2f}: " + (f"agreement {row['top1_agreement']:.3f} "
                                                         f"(MACs {row['keep_macs']:.3f}, {row['seconds']:.1f} s)"
