@@ -799,42 +799,39 @@ def _main(argv: list[str] | None) -> int:
         return command(rest, console)
     except SystemExit as done:  # --help and --version print and exit 0
         return done.code if isinstance(done.code, int) else EXIT_OK
-    except CommandLineError as err:
-        print(f"{err}" if str(err).startswith("onnx-prune") else f"onnx-prune: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except Interrupted as stop:
-        print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
-        return SIGNAL_EXIT.get(stop.signum, 130)
+        status, line = SIGNAL_EXIT.get(stop.signum, 130), "onnx-prune: interrupted; nothing was written"
     except KeyboardInterrupt:
-        print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        status, line = 130, "onnx-prune: interrupted; nothing was written"
+    except CommandLineError as err:
+        status, line = EXIT_USAGE, f"{err}" if str(err).startswith("onnx-prune") else f"onnx-prune: {err}"
     except Exception as err:
-        return _report_error(err, debug)
+        if debug:
+            traceback.print_exc()
+        status, line = classify(err)
+    print(line, file=sys.stderr)
+    if "--json" in argv:  # a pipeline reading stdout gets a document on failure too
+        console.document({"written": False, "exit_status": status, "error": line})
+    return status
 
 
-def _report_error(err: Exception, debug: bool) -> int:
-    """One line per error; the exit status says whose problem it is (see errors.exit_status)."""
+def classify(err: Exception) -> tuple[int, str]:
+    """(exit status, the one line to print): whose problem it is decides the status (see errors.exit_status)."""
     from onnx_prune import errors
 
     if isinstance(err, errors.PruneError):
         status = getattr(errors, "exit_status", lambda e: EXIT_INPUT)(err)
-        kind = "usage error" if status == EXIT_USAGE else "error"
-        print(f"onnx-prune: {kind}: {err}", file=sys.stderr)
-        return status
+        return status, f"onnx-prune: {'usage error' if status == EXIT_USAGE else 'error'}: {err}"
     if isinstance(err, OSError):  # the file system said no: permissions, a full disk, a folder for a file
         where = f" {err.filename}" if err.filename else ""
-        print(f"onnx-prune: error: {err.strerror or err}:{where}".rstrip(":"), file=sys.stderr)
-        return EXIT_INPUT
+        return EXIT_INPUT, f"onnx-prune: error: {err.strerror or err}:{where}".rstrip(":")
     if isinstance(err, MemoryError):
-        print("onnx-prune: error: out of memory", file=sys.stderr)
-        return EXIT_INPUT
-    if debug:
-        traceback.print_exc()
+        return EXIT_INPUT, "onnx-prune: error: out of memory"
     report = getattr(errors, "BUG_REPORT", "this is a bug in onnx-prune: please report it with the command line "
                      "and the output of --debug")
-    print(f"onnx-prune: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-          f"- {report} (rerun with --debug for the traceback)", file=sys.stderr)
-    return EXIT_BUG
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return EXIT_BUG, (f"onnx-prune: internal error: {type(err).__name__}: {first} - {report} "
+                      "(rerun with --debug for the traceback)")
 
 
 if __name__ == "__main__":

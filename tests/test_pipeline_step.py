@@ -384,14 +384,17 @@ def test_stdout_stderr_quiet_and_json(tmp_path):
     assert summary["macs_after"] < summary["macs_before"] and summary["validation"]["synthetic"] is True
 
 
-def test_internal_errors_exit_3_and_say_how_to_report(capsys):
-    from onnx_prune.cli import _report_error
+def test_errors_are_classified_and_internal_ones_say_how_to_report(tmp_path):
+    from onnx_prune.cli import classify
 
-    assert _report_error(KeyError("conv0"), debug=False) == 3
-    err = capsys.readouterr().err
-    assert "internal error" in err and "report" in err and len(err.strip().splitlines()) == 1
-    assert _report_error(onnx_prune.PruneError("bad input"), debug=False) == 1
-    assert _report_error(PermissionError(13, "Permission denied", "/x/out.onnx"), debug=False) == 1
+    status, line = classify(KeyError("conv0"))
+    assert status == 3 and "internal error" in line and "report" in line and "\n" not in line
+    assert classify(onnx_prune.PruneError("bad input"))[0] == 1
+    assert classify(PermissionError(13, "Permission denied", "/x/out.onnx")) == \
+        (1, "onnx-prune: error: Permission denied: /x/out.onnx")
+    # with --json a failure is a document on stdout too
+    code, out, err = cli(tmp_path / "missing.onnx", tmp_path / "o.onnx", "--json")
+    assert code == 1 and json.loads(out) == {"written": False, "exit_status": 1, "error": err.strip().splitlines()[-1]}
 
 
 # --- what changed, per layer --------------------------------------------------------------------------------
