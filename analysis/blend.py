@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 
 from onnx_prune.analysis.channels import ChannelAnalysis
 
-DEFAULT_POOL = ("l1", "l2", "fpgm", "bn", "similarity")
+DEFAULT_POOL = ("l1", "l2", "fpgm", "bn", "similarity", "bnvar")  # bnvar: best single data-free criterion measured
 CALIBRATION_POOL = ("activation", "apoz")   # added to the pool when calibration data is given
 DEFAULT_THRESHOLD = 0.2                      # cut on 1 - rho (see the module docstring)
 MIN_CHANNELS = 3                             # fewer free channels than this say nothing about rankings

@@ -65,7 +65,7 @@ def test_summary_counts_structures_and_formats():
 def test_calibration_data_adds_activation_criteria_to_the_pool():
     prepared = prepare(fixture_path("se"))
     summary = criteria_clusters(prepared, calib_inputs=generated_inputs(prepared.model, seed=1, count=8))
-    assert summary["pool"] == ["l1", "l2", "fpgm", "bn", "similarity", "activation", "apoz"]
+    assert summary["pool"] == ["l1", "l2", "fpgm", "bn", "similarity", "bnvar", "activation", "apoz"]
     assert sorted(sum(summary["model"]["clusters"], [])) == sorted(summary["pool"])
 
 
@@ -80,7 +80,7 @@ def test_search_is_at_least_as_good_as_every_single_criterion():
     opts = PruneOptions(target_macs=0.5)
     plan, report = blend_plan(prepared, opts, **SEARCH)
     singles = report["singles"]
-    assert set(singles) == {"l1", "l2", "fpgm", "bn", "similarity"}
+    assert set(singles) == {"l1", "l2", "fpgm", "bn", "similarity", "bnvar"}
     assert report["fitness"]["loss"] <= min(s["loss"] for s in singles.values())
     assert report["fitness_data"].startswith("generated inputs") and "top-1 agreement" in report["metric"]
     # measured again, independently: the pipeline's single-criterion plans against the blend's, by compare()
