@@ -4,7 +4,6 @@ metrics and gates out, exit statuses a CI can act on, and nothing written unless
 Most tests run the command as a user does (a subprocess of the installed entry point) and check the API too.
 """
 import json
-import os
 import re
 import signal
 import subprocess
@@ -269,13 +268,13 @@ def test_report_paths_that_would_overwrite_the_input_or_output_are_refused(tmp_p
     model = tmp_path / "m.onnx"
     model.write_bytes(fixture_path("se").read_bytes())
     before = model.read_bytes()
-    for report in (model, tmp_path / "o.onnx"):
-        code, _, err = cli(model, tmp_path / "o.onnx", "--report", report)
+    for flag, report in [("--report", model), ("--report", tmp_path / "o.onnx"), ("--blend-report", model),
+                         ("--blend-report", tmp_path / "o.onnx")]:
+        code, _, err = cli(model, tmp_path / "o.onnx", flag, report)
         assert code == 1 and "Traceback" not in err and len(error_lines(err)) == 1, err
         assert model.read_bytes() == before and not (tmp_path / "o.onnx").exists()
-    started = time.perf_counter()
     code, _, err = cli(model, tmp_path / "o.onnx", "--report", tmp_path / "missing" / "r.json")
-    assert code == 1 and "does not exist" in err and "analysing" not in err
+    assert code == 1 and "does not exist" in err and "analysing" not in err  # refused before any work
     assert not (tmp_path / "o.onnx").exists()
 
 
