@@ -357,3 +357,20 @@ def test_obs_prune_reaches_the_target_with_a_valid_model_closer_to_the_original_
     data_free = ApplyPlanPass(prepared.analysis, base)(prepared.model).model
     original = run(prepared.model, test)
     assert relative_error(original, run(model, test)) < relative_error(original, run(data_free, test))
+
+
+def test_a_progressive_schedule_reaches_its_last_target_in_steps():
+    from conftest import fixture_path
+    from invariants import feeds_for
+    from onnx_prune.passes.obs import progressive_obs
+    from onnx_prune.pipeline import prepare
+    from onnx_prune.runtime.cost import count_cost
+
+    prepared = prepare(fixture_path("depthwise"))
+    calib = feeds_for(prepared.model, seed=1, batch=1, samples=24)
+    model, steps = progressive_obs(prepared, (0.8, 0.6), calib, quiet=True, allocation="uniform")
+    onnx.checker.check_model(model, full_check=True)
+    assert [s["target"] for s in steps] == [0.8, 0.6]
+    reached = count_cost(model).macs / count_cost(prepared.model).macs
+    assert reached == pytest.approx(0.6, abs=0.03) and steps[-1]["reached"] == pytest.approx(reached)
+    assert steps[0]["reached"] > steps[1]["reached"]
