@@ -4,7 +4,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_prune.passes.allocate import Target
 from onnx_prune.pipeline import method_plan, prepare_folded
 from onnx_prune.passes.repair import Layer, fit_grid, intermediate_tensors, layer_rows, repair
 from onnx_prune.runtime.calibration import feed_batches
