@@ -512,8 +512,9 @@ def _finish(args, console: Console, prepared, model, report, data, started: floa
                        + f" in {time.perf_counter() - started:.2f} s")
     if args.json:
         console.document(_finite(_json_summary(result, args, failures)))
-    for failure in failures:
-        print(f"onnx-prune: gate failed: {failure}" + ("" if written else "; nothing written"), file=sys.stderr)
+    if failures:  # one line, naming every metric that missed its threshold
+        print(f"onnx-prune: gate failed: {'; '.join(failures)}" + ("" if written else "; nothing written"),
+              file=sys.stderr)
     return EXIT_GATE if failures else EXIT_OK
 
 
