@@ -284,7 +284,7 @@ class Allocator:
             cap = self.cap.get(gid) if self.cap else None
             groups[gid] = GroupChoice(group.size, self._floor(group), self.normalised(gid),
                                       group.frozen, cap)
-        return latency_counts(self.latency, groups, fraction * self.latency.original_ms, self.round_to)
+        return self.latency.target_counts(groups, fraction, self.round_to)
 
     def _normalised_ranking(self, gid: int) -> np.ndarray:
         """Group-normalised scores, frozen channels first (kept always), then the others best first: the

@@ -194,6 +194,8 @@ class LatencyModel:
     table: dict
     curves: dict[tuple[str, str], Curve] = field(init=False, repr=False)
     by_group: dict[int, list[str]] = field(init=False, repr=False)
+    measure: Callable[[dict[int, int]], float] | None = field(default=None, repr=False)  # counts -> whole-model ms
+    persist: Callable[[dict], None] | None = field(default=None, repr=False)            # saves an updated table
 
     def __post_init__(self):
         if self.table.get("version") != TABLE_VERSION:
@@ -242,7 +244,52 @@ class LatencyModel:
     def predict(self, kept_counts: dict[int, int]) -> float:
         """Predicted latency in ms when group g keeps kept_counts[g] channels (absent groups stay whole)."""
         counts = {int(g): int(k) for g, k in kept_counts.items()}
-        return self.fixed_ms + self.scale * self.layers_ms(counts)
+        return self.calibrated(self.layers_ms(counts))
+
+    def calibrated(self, layers_ms: float) -> float:
+        """Whole-model ms for a sum of layer times: the piecewise-linear curve through the measured points (the
+        whole model, uniformly slimmed, and those latency targets added, `target_counts`), made non-decreasing,
+        proportional below the lowest point, with the last slope above the highest.  A table with one point
+        uses fixed + scale * sum (`calibrate`)."""
+        points = self.table["calibration"]["points"]
+        if len(points) < 2:
+            return self.fixed_ms + self.scale * layers_ms
+        merged: dict[float, list[float]] = {}
+        for point in points:
+            merged.setdefault(round(float(point["layers_ms"]), 9), []).append(float(point["measured_ms"]))
+        xs = sorted(merged)
+        ys = monotone([float(np.mean(merged[x])) for x in xs])
+        if layers_ms <= xs[0]:
+            return ys[0] * layers_ms / xs[0] if xs[0] > 0 else ys[0]
+        if layers_ms >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else ys[-1] / xs[-1]
+            return ys[-1] + slope * (layers_ms - xs[-1])
+        return float(np.interp(layers_ms, xs, ys))
+
+    def target_counts(self, groups: dict, fraction: float, round_to="auto", rounds: int = 3,
+                      tolerance: float = 0.03) -> dict[int, int]:
+        """`latency_counts` for `fraction` of the original's latency.  Where this model can measure (`measure`,
+        set by `load_or_measure` when it may time and cache), the chosen counts are timed (in alternation with
+        the original) and added as a calibration point, then the choice is made again on the refined curve, up
+        to `rounds` times or until within `tolerance`: a greedy choice favours layers whose savings the table
+        overestimates, and the measured points correct exactly that.  Without `measure` (a given table file)
+        nothing is timed: deterministic given the table."""
+        goal = fraction * self.original_ms
+        counts = latency_counts(self, groups, goal, round_to)
+        for _ in range(rounds if self.measure is not None else 0):
+            measured_counts = [p.get("counts") for p in self.table["calibration"]["points"]]
+            key = {str(g): int(k) for g, k in sorted(counts.items())}
+            if key in measured_counts:
+                break
+            ms = self.measure(counts)
+            self.table["calibration"]["points"].append({"target": fraction, "counts": key, "measured_ms": ms,
+                                                        "layers_ms": self.layers_ms(counts)})
+            if self.persist is not None:
+                self.persist(self.table)
+            if abs(ms / goal - 1) <= tolerance:
+                break
+            counts = latency_counts(self, groups, goal, round_to)
+        return counts
 
     def group_ms(self, group_id: int, count: int, counts: dict[int, int] | None = None) -> float:
         """Predicted time of the layers whose widths group `group_id` sets, at `count` kept channels (others at
@@ -807,7 +854,32 @@ def load_or_measure(model: onnx.ModelProto, analysis, provider: str = "cpu", thr
             _write_atomic(path, json.dumps(table, indent=1, sort_keys=True))
     if table_file is not None:
         _write_atomic(Path(table_file), json.dumps(table, indent=1, sort_keys=True))
-    return LatencyModel(table)
+    latency = LatencyModel(table)
+
+    def persist(updated: dict) -> None:
+        if use_cache:
+            _write_atomic(path, json.dumps(updated, indent=1, sort_keys=True))
+        if table_file is not None:
+            _write_atomic(Path(table_file), json.dumps(updated, indent=1, sort_keys=True))
+
+    latency.measure = lambda counts: measure_relative(model, analysis, counts, latency.original_ms, provider,
+                                                      threads, batch, shapes)
+    latency.persist = persist
+    return latency
+
+
+def measure_relative(model: onnx.ModelProto, analysis, counts: dict[int, int], original_ms: float, provider: str,
+                     threads: int | None, batch: int, shapes: dict | None = None, repeat: int = 20) -> float:
+    """The model slimmed to `counts`, timed in interleaved rounds with the original, as ms on the table's scale
+    (original_ms times the measured ratio: drift between the table's run and this one cancels)."""
+    from .bench import _batch_feed
+    from .sessions import load_graph_only
+
+    feed = _batch_feed(load_graph_only(model), batch, 0, shapes)
+    opset = max(11, next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13))
+    full, slim = _Timer(provider_name(provider), threads, repeat, opset).time_all(
+        [(model, feed), (slimmed_model(model, analysis, counts), feed)], warmup=3)
+    return original_ms * slim / full
 
 
 def latency_record(original: onnx.ModelProto, analysis, pruned: onnx.ModelProto, plan, opts) -> dict:

@@ -388,3 +388,27 @@ def test_prune_with_a_latency_target_uses_a_given_table(tmp_path, monkeypatch):
         onnx_prune.prune(model, target_latency=0.6, target_macs=0.5)
     with pytest.raises(PruneError, match="--target-latency is the fraction to keep"):
         onnx_prune.prune(model, target_latency=1.5)
+
+
+def test_measured_points_correct_a_table_that_overestimates_savings():
+    """The runtime keeps a part the table misses (here 40% of the time never shrinks): target_counts measures
+    its choice, adds the point, chooses again on the refined curve, and persists the grown table."""
+    prepared = onnx_prune.prepare(plain_cnn(widths=(64, 96, 96, 128, 128, 160), residual=False))
+    model = LatencyModel(synthetic_table_for(prepared, original_ms=10.0))
+    truth = LatencyModel(json.loads(json.dumps(model.table)))
+
+    def true_ms(counts):  # 4 ms never shrink, the rest follows the layers
+        return 4.0 + 0.6 * truth.predict(counts)
+
+    saved = []
+    model.measure = true_ms
+    model.persist = lambda updated: saved.append(len(updated["calibration"]["points"]))
+    groups = {g.id: GroupChoice(g.size, 1, np.linspace(1, 2, g.size)) for g in prepared.analysis.prunable_groups}
+    naive = latency_counts(truth, groups, 6.0, "auto")
+    assert true_ms(naive) / 6.0 > 1.15  # the table alone misses the target by far
+    counts = model.target_counts(groups, 0.6, "auto", rounds=4, tolerance=0.05)
+    assert abs(true_ms(counts) / 6.0 - 1) <= 0.1
+    assert saved and saved[-1] == len(model.table["calibration"]["points"]) >= 2
+    # the grown table alone (no measuring) reproduces the choice: deterministic given the table
+    again = LatencyModel(json.loads(json.dumps(model.table)))
+    assert again.target_counts(groups, 0.6, "auto") == latency_counts(again, groups, 6.0, "auto")
