@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="l2,l2+repair,obs")
     parser.add_argument("--positions", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--curves", default=None, help="damage curves cache (JSON): read if present, else written")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     calib_images, sources = photo_split.crops("calib", args.calib, args.photos)
@@ -80,8 +81,15 @@ def main(argv=None) -> int:
         record("l2+repair", repaired, started)
     if "obs" in methods:
         started = time.perf_counter()
+        from onnx_prune.passes.obs import DamageCurve
+
+        curves = None
+        if args.curves and Path(args.curves).exists():
+            curves = {int(g): DamageCurve(**c) for g, c in json.loads(Path(args.curves).read_text()).items()}
         model, details, _ = obs_prune(prepared, Target(macs=args.keep), feeds, sources, positions=args.positions,
-                                      damage_samples=32, quiet=args.quiet)
+                                      damage_samples=32, quiet=args.quiet, curves=curves)
+        if args.curves and curves is None:
+            Path(args.curves).write_text(json.dumps(details["damage_curves"]))
         record("obs", model, started, {"allocation": details["allocation_per_group"]})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

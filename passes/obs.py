@@ -638,14 +638,15 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
 
 def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
                counts: dict[int, int] | None = None, cost_model=None, round_to=1, max_ratio: float = 1.0,
-               make_allocator=None, ratios=(0.25, 0.5, 0.75), damage_samples: int = 64, positions: int = 64, batch: int = 16,
+               make_allocator=None, curves: dict | None = None, ratios=(0.25, 0.5, 0.75), damage_samples: int = 64, positions: int = 64, batch: int = 16,
                seed: int = 0, ridge: float = 1e-3, select_ridge: float = SELECT_RIDGE, quiet: bool = False):
     """Allocation and selection, the Plan part of second-order calibrated pruning: (Plan, details).
 
     - `target`: a `passes.constraints.Target`; `group_ids`: the groups that may shrink (default: every
       prunable one; the caller removes excluded / protected ones); `counts` overrides the allocation.
-    - `allocation`: "damage" (measured per-group damage curves, `damage_curves`, minimised by `damage_counts`
-      under the target, `round_to` and `max_ratio`) or "uniform" (the same share of every group).
+    - `allocation`: "damage" (measured per-group damage curves, `damage_curves`, or `curves` when given,
+      minimised by `damage_counts` under the target, `round_to` and `max_ratio`) or "uniform" (the same share
+      of every group).
     - selection: `obs_plan`.  The Plan is plain pruning; reconstruct the weights after the rewrite with
       `passes.repair.repair(..., sources=sources)` (what `obs_prune` does)."""
     from onnx_prune.passes.allocate import Allocator, CostModel
@@ -659,11 +660,12 @@ def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=N
             cost = count_cost(prepared.model)
             cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
         if allocation == "damage":
-            curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
-                                   batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
+            if curves is None:  # (curves do not depend on the target: a caller may measure them once)
+                curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
+                                       batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
             counts = damage_counts(prepared, curves, group_ids, target, cost_model, round_to, max_ratio,
                                    make_allocator)
-            details["damage_curves"] = {analysis.groups[g].name: c.to_dict() for g, c in curves.items()}
+            details["damage_curves"] = {str(g): c.to_dict() for g, c in curves.items()}
         elif allocation == "uniform":
             scores = {g: np.zeros(analysis.groups[g].size) for g in group_ids}
             allocator = make_allocator(scores) if make_allocator else \
