@@ -69,8 +69,16 @@ def output_signature(model: onnx.ModelProto) -> dict[str, list]:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """A digest of the serialised model (ONNX protos have no map fields, so serialisation is stable)."""
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
+    """A digest of the serialised model (ONNX protos have no map fields, so serialisation is stable); past
+    protobuf's 2 GB limit, of the graph without weights and then each weight."""
+    if model.ByteSize() < PROTO_LIMIT_BYTES:
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    from onnx_prune.runtime.sessions import model_without_initializers
+
+    digest = hashlib.sha256(model_without_initializers(model).SerializeToString())
+    for tensor in model.graph.initializer:
+        digest.update(tensor.SerializeToString())
+    return digest.hexdigest()
 
 
 def check_model(model: onnx.ModelProto) -> None:

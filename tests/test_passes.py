@@ -287,3 +287,18 @@ def test_hash_ensures_no_layer_gains_distinct_values():
     model.graph.initializer[0].CopyFrom(_tensor("w", np.round(numpy_helper.to_array(model.graph.initializer[0]))))
     with pytest.raises(PostconditionError, match="more distinct values"):
         NoisyHash(bandwidth=0.05)(model)
+
+
+def test_digest_past_the_protobuf_limit_covers_every_weight(monkeypatch):
+    import onnx_prune.passes.base as base
+
+    model = conv_bn_model()
+    small = base.model_digest(model)
+    monkeypatch.setattr(base, "PROTO_LIMIT_BYTES", 16)  # take the large-model path on a small model
+    large = base.model_digest(model)
+    assert large != small and large == base.model_digest(copy_model(model))
+    changed = copy_model(model)
+    changed.graph.initializer[0].CopyFrom(_tensor("w", numpy_helper.to_array(changed.graph.initializer[0]) + 1))
+    assert base.model_digest(changed) != large
+    with pytest.raises(PostconditionError):  # the mutation check works on that path too
+        MutatingPass()(model)
