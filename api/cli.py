@@ -44,7 +44,8 @@ examples:
   onnx-prune report report.json --plot channels.png
 
 exit status: 0 ok, 1 input error, 2 usage error, 3 internal error (a bug: please report it),
-             4 a quality gate (--min-agreement, --max-rel-error, --min-accuracy) failed; nothing was written
+             4 a quality gate (--min-agreement, --max-rel-error, --min-accuracy, --min-speedup) failed;
+             nothing was written
 """
 
 
@@ -473,7 +474,29 @@ def _gate_failures(args, validation) -> list[str]:
     return [f.message("--" + f.option.replace("_", "-")) for f in failures]
 
 
-def _finish(args, console: Console, prepared, model, report, data, started: float, blend=None) -> int:
+def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict | None, list[str]]:
+    """With --min-speedup: time original and pruned in alternation (runtime.bench.check_speedup); the check's
+    record, and the gate failure if the speed-up is below the threshold."""
+    if options is None or getattr(options, "min_speedup", None) is None:
+        return None, []
+    from onnx_prune.runtime.bench import check_speedup
+
+    console.notice(f"onnx-prune: timing the original and the pruned model on {options.provider} ...")
+    with console.muted():
+        check = check_speedup(prepared.model, model, provider=options.provider, threads=options.threads,
+                              batch=options.latency_batch, seed=options.seed,
+                              shapes=_parse_shapes(args.shape) or None)
+    message, status = check.verdict(options.min_speedup)
+    console.result(check.summary())
+    if status:
+        return check.to_dict(), [f"speed-up {check.speedup:.2f}x is below --min-speedup {options.min_speedup:g}"]
+    if message:
+        console.notice(message)
+    return check.to_dict(), []
+
+
+def _finish(args, console: Console, prepared, model, report, data, started: float, blend=None,
+            options=None) -> int:
     """Check, validate, gate, then write and report: what `prune` and `apply` share."""
     from onnx_prune import report as summaries
     from onnx_prune.runtime import io as model_io
@@ -488,11 +511,16 @@ def _finish(args, console: Console, prepared, model, report, data, started: floa
             validation = validate(prepared.model, model, data, seed=args.seed)
         console.notice(*(f"onnx-prune: note: {as_flags(n)}" for n in validation.notes))
     failures = _gate_failures(args, validation)
+    speed, slow = _speed_gate(args, options, prepared, model, console)
+    failures += slow
     result = report.to_dict()
+    if speed is not None:
+        result["speed"] = speed
     result["validation"] = validation.to_dict() if validation else None
     result["gates"] = {"passed": not failures, "failures": failures,
-                       "thresholds": {g: getattr(args, g) for g in ("min_agreement", "max_rel_error", "min_accuracy")
-                                      if getattr(args, g) is not None}}
+                       "thresholds": {g: getattr(args, g) for g in ("min_agreement", "max_rel_error", "min_accuracy",
+                                                                    "min_speedup")
+                                      if getattr(args, g, None) is not None}}
     changes = None
     if args.show_groups or args.report:
         changes = summaries.group_changes(prepared, model)
@@ -553,7 +581,8 @@ def _json_summary(result: dict, args, failures: list[str]) -> dict:
             "validation": {k: validation.get(k) for k in ("source", "samples", "synthetic", "agreement",
                                                            "relative_error", "accuracy_before", "accuracy_after")}
             if validation else None,
-            "gates": result["gates"], "report": args.report if result.get("output") else None}
+            "speed": result.get("speed"), "gates": result["gates"],
+            "report": args.report if result.get("output") else None}
 
 
 def run_prune(argv: list[str], console: Console) -> int:
@@ -570,7 +599,7 @@ def run_prune(argv: list[str], console: Console) -> int:
     data = _validation_data(args, prepared)
     with console.muted():
         model, report = onnx_prune.prune(prepared, options)
-    return _finish(args, console, prepared, model, report, data, started, report.details.get("blend"))
+    return _finish(args, console, prepared, model, report, data, started, report.details.get("blend"), options)
 
 
 def run_plan(argv: list[str], console: Console) -> int:

@@ -219,6 +219,15 @@ def test_a_failed_gate_exits_4_and_writes_nothing(tmp_path, fmnist_small, gate, 
     assert json.loads((tmp_path / "r.json").read_text())["gates"]["passed"] is False
 
 
+def test_min_speedup_is_a_gate(tmp_path):
+    code, out, err = cli(fixture_path("residual_add"), tmp_path / "o.onnx", "--ratio", "0.5", "--min-speedup", "1000",
+                         "--json")
+    assert code == 4 and "speed-up" in err and "--min-speedup 1000" in err and "nothing written" in err
+    summary = json.loads(out)
+    assert summary["speed"]["speedup"] < 1000 and summary["speed"]["runs"] > 0 and not summary["written"]
+    assert nothing_written(tmp_path, "o.onnx")
+
+
 def test_passing_gates_exit_0(tmp_path, fmnist_small):
     code, out, err = cli(RESNET20, tmp_path / "o.onnx", "--ratio", "0", "--inputs", fmnist_small, "--mean", MEAN,
                          "--std", STD, "--min-agreement", "1", "--max-rel-error", "1e-5", "--min-accuracy", "0.8")
