@@ -114,6 +114,7 @@ class Method:
     refuses: dict[str, str] = {}        # Constraints field -> why this method cannot honour it
     default_target = Target(ratio=0.3)  # when the user gives none
     needs_calibration = False
+    reconstructs = False                # layers are refitted on the calibration data after the rewrite
 
     def prepare_passes(self, opts: PruneOptions) -> list:
         """Graph passes applied (in order) to the normalised model before the analysis."""
@@ -324,6 +325,29 @@ class MergedSelect:
         return gplan
 
 
+class ObsMethod(Method):
+    """Second-order calibrated pruning (METHODS.md §6): group OBS chooses each group's channels on the
+    calibration data, group by group in topological order, and the layers that read reduced channels are then
+    reconstructed by ridge least squares toward the original outputs (`passes.repair`, ridge chosen by
+    cross-validation over calibration sources).  `--allocation global` spreads the target by measured damage
+    curves (each group pruned alone at a few ratios); `uniform` takes the same share of every group."""
+    name = "obs"
+    summary = "group OBS on --calib data: second-order channel choice, damage-curve allocation, reconstruction"
+    needs_calibration = True
+    reconstructs = True
+
+    def build(self, given: MethodInput) -> tuple[Plan, dict]:
+        from onnx_prune.passes.obs import obs_select
+
+        constraints = given.constraints
+        plan, details = obs_select(given.prepared, constraints.target, given.calibration, group_ids=given.group_ids,
+                                   allocation="damage" if constraints.allocation == "global" else "uniform",
+                                   cost_model=given.cost_model(), round_to=constraints.round_to,
+                                   max_ratio=constraints.max_ratio, make_allocator=given.allocator,
+                                   seed=given.opts.seed, ridge=given.opts.ridge)
+        return plan, {"obs": details}
+
+
 class HashMethod(Method):
     """RED's weight hashing alone: values change, no channel goes."""
     name = "hash"
@@ -347,7 +371,7 @@ class HashMethod(Method):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (PruneMethod(), SimilarityMethod(), CentripetalMethod(),
-                                                   RedMethod(), HashMethod())}
+                                                   RedMethod(), ObsMethod(), HashMethod())}
 
 
 def method_named(name: str) -> Method:

@@ -220,7 +220,9 @@ def sweep_configurations() -> list[SweepConfig]:
                 SweepConfig("red", {"method": "red"}),
                 SweepConfig("centripetal", {"method": "centripetal"}),
                 SweepConfig("centripetal+repair", {"method": "centripetal", "repair": True}, True),
-                SweepConfig("l2+repair", {"criterion": "l2", "repair": True}, True)]
+                SweepConfig("l2+repair", {"criterion": "l2", "repair": True}, True),
+                SweepConfig("obs", {"method": "obs"}, True),
+                SweepConfig("obs/global", {"method": "obs", "allocation": "global"}, True)]
     return configs
 
 
@@ -325,6 +327,7 @@ class Recipe:
     prepared: Prepared                  # after the method's graph and weight passes
     cost: Cost | None                   # the original's
     details: dict
+    calibration: list[dict] | None = None  # the --calib feeds, loaded once
 
 
 def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
@@ -343,7 +346,8 @@ def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
     details = {**pass_details, **details}
     if opts.compensate and plan.groups:
         plan, details["compensation"] = compensated(given, plan)
-    return Recipe(method.name, opts, plan, prepared, given.original_cost, details)
+    return Recipe(method.name, opts, plan, prepared, given.original_cost, details,
+                  given.calibration if opts.calib else None)
 
 
 def compensated(given, plan: Plan) -> tuple[Plan, dict]:
@@ -380,6 +384,11 @@ def make_plan(model: "ModelLike | Prepared", options: PruneOptions | None = None
 
 
 def _plan_recipe(model, opts: PruneOptions) -> Recipe:
+    from onnx_prune.methods import method_named
+
+    if method_named(opts.method).reconstructs:
+        raise PruneError(f"--method {opts.method} reconstructs weights after the rewrite, beyond what a plan "
+                         "records; prune directly (a plan file cannot hold it)")
     if opts.repair:
         raise PruneError("--repair refits weights beyond what a plan records; prune directly with --repair "
                          "(a plan file cannot hold it)")
@@ -497,16 +506,18 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     when asked.  Returns the new model (the input is not changed) and a report.  Raises PruneError for bad
     input.
     """
+    from onnx_prune.methods import method_named
+
     opts = _options(options, kwargs)
     recipe = build_recipe(model, opts)
     pruned, report = finish_recipe(recipe)
-    if opts.repair:
+    if opts.repair or method_named(opts.method).reconstructs:
         from onnx_prune.passes.repair import repair
 
         prepared = recipe.prepared
         try:
-            repaired, repair_report = repair(prepared.model, pruned, calibration_inputs(prepared, opts),
-                                             prepared.analysis, recipe.plan, ridge=opts.ridge, seed=opts.seed)
+            repaired, repair_report = repair(prepared.model, pruned, recipe.calibration, prepared.analysis,
+                                             recipe.plan, ridge=opts.ridge, seed=opts.seed)
         except ValueError as err:  # e.g. too few calibration samples to fit and hold out
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired

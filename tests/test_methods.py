@@ -31,7 +31,7 @@ def _sizes(report) -> dict[str, int]:
 
 
 def test_the_registry_lists_every_method_once():
-    assert sorted(METHODS) == sorted(["prune", "similarity", "centripetal", "red", "hash"])
+    assert sorted(METHODS) == sorted(["prune", "similarity", "centripetal", "red", "obs", "hash"])
     assert all(m.name == name and m.summary for name, m in METHODS.items())
 
 
@@ -174,3 +174,36 @@ def test_mac_target_within_one_percent_with_round_to_8(name, allocation):
     assert abs(achieved - 0.7) <= 0.007, achieved
     for g in report.groups:
         assert g.kept % 8 == 0 or g.kept == g.size
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    from invariants import feeds_for
+
+    feeds = feeds_for(onnx.load(fixture_path(MODEL)), seed=3, batch=4, samples=8)
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.concatenate([f["x"] for f in feeds]))
+    return str(path)
+
+
+@pytest.mark.parametrize("options, check", [
+    (dict(ratio=0.5, exclude=["conv1"]), lambda r: _kept(r)["conv1"] == _sizes(r)["conv1"]),
+    (dict(ratio=0.5, protect_first=True), lambda r: _kept(r)["conv0"] == _sizes(r)["conv0"]),
+    (dict(ratio=0.6, round_to=4), lambda r: all(g.kept % 4 == 0 or g.kept == g.size for g in r.groups)),
+    (dict(ratio=0.75, max_ratio=0.25), lambda r: all(g.kept == g.size - math.floor(0.25 * g.size)
+                                                      for g in r.groups if g.size - g.frozen)),
+    (dict(target_macs=0.6), lambda r: abs(r.details["target"]["achieved"] - 0.6) <= 0.012),
+    (dict(target_macs=0.6, allocation="global"), lambda r: abs(r.details["target"]["achieved"] - 0.6) <= 0.012),
+])
+def test_obs_honours_the_constraints_and_reconstructs(calib_file, options, check):
+    model, report = onnx_prune.prune(fixture_path(MODEL), method="obs", calib=calib_file, **options)
+    onnx.checker.check_model(model, full_check=True)
+    assert check(report), report.details["target"]
+    assert report.details["repair"]["layers"]  # the reconstruction ran
+
+
+def test_obs_needs_calibration_and_refuses_a_plan_file(calib_file):
+    with pytest.raises(onnx_prune.PruneError, match="needs calibration data"):
+        onnx_prune.prune(fixture_path(MODEL), method="obs")
+    with pytest.raises(onnx_prune.PruneError, match="reconstructs weights"):
+        plan_file(fixture_path(MODEL), method="obs", calib=calib_file)
