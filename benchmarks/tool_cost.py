@@ -137,9 +137,11 @@ def worker(path: str, ratio: float, profile: bool) -> dict:
     t0 = time.perf_counter()
     loaded = load(path)
     times["load"] = time.perf_counter() - t0
+    rss = {"load": _rss_mb()}
     t0 = time.perf_counter()
     prepared = onnx_prune.prepare(loaded.model)
     times["prepare"] = time.perf_counter() - t0
+    rss["prepare"] = _rss_mb()
     profiler = None
     if profile:
         import cProfile
@@ -149,6 +151,7 @@ def worker(path: str, ratio: float, profile: bool) -> dict:
     t0 = time.perf_counter()
     pruned, report = onnx_prune.prune(prepared, ratio=ratio)
     times["prune"] = time.perf_counter() - t0
+    rss["prune"] = _rss_mb()
     if profiler is not None:
         import io
         import pstats
@@ -161,9 +164,11 @@ def worker(path: str, ratio: float, profile: bool) -> dict:
         t0 = time.perf_counter()
         save(pruned, Path(tmp) / "out.onnx", input_path=path)
         times["save"] = time.perf_counter() - t0
+        rss["save"] = _rss_mb()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"times": times, "analysis_and_prune_s": times["prepare"] + times["prune"],
             "total_s": sum(times.values()), "peak_rss_mb": peak_mb, "rss_after_imports_mb": baseline_mb,
+            "rss_after_mb": rss,
             "groups": len(prepared.analysis.groups), "nodes": len(loaded.model.graph.node),
             "channels_before": report.channels_before, "channels_after": report.channels_after}
 
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             big.update(kind="external data", model_mb=size_mb, generate_s=generate_s)
             print(f"big      {big['nodes']:5d} nodes {size_mb:7.0f} MB  load {big['times']['load']:.1f} s  prepare "
                   f"{big['times']['prepare']:.1f} s  prune {big['times']['prune']:.1f} s  save {big['times']['save']:.1f} s"
-                  f"  peak RSS {big['peak_rss_mb']:.0f} MB ({big['peak_rss_mb'] / size_mb:.2f}x the model)",
+                  f"  peak RSS {big['peak_rss_mb']:.0f} MB ({big['peak_rss_mb'] / size_mb:.2f}x the model); RSS after "
+                  + ", ".join(f"{k} {v:.0f} MB" for k, v in big["rss_after_mb"].items()),
                   file=sys.stderr, flush=True)
     exponents = {}
     for kind in ("plain", "residual") if len(sizes) > 1 else ():
