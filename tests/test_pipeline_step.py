@@ -469,3 +469,17 @@ def test_readme_setup_command_1_prints_a_real_accuracy(tmp_path):
     assert code == 0, err
     expected = f"accuracy (logits, 2000 labelled samples): {ACCURACY['resnet20']['eval_subset']['accuracy']:.2%} -> "
     assert expected in out
+
+
+def test_plan_over_the_input_is_refused_and_apply_has_gates(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(fixture_path("concat").read_bytes())
+    before = model.read_bytes()
+    code, _, err = cli("plan", model, model, "--ratio", "0.5")
+    assert code == 1 and "refusing to overwrite" in err and model.read_bytes() == before
+    code, _, err = cli("plan", model, tmp_path / "plan.json", "--ratio", "0.5", "--quiet")
+    assert code == 0 and err == ""
+    code, _, err = cli("apply", model, tmp_path / "plan.json", tmp_path / "o.onnx", "--max-rel-error", "0")
+    assert code == 4 and "relative error" in err and nothing_written(tmp_path, "o.onnx")
+    code, _, err = cli("apply", model, tmp_path / "plan.json", tmp_path / "o.onnx", "--max-rel-error", "10")
+    assert code == 0 and (tmp_path / "o.onnx").exists()
