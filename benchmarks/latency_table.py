@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 pruned, report = onnx_prune.prune(prepared, ratio=ratio, criterion=CRITERION, round_to=round_to,
                                                   seed=args.seed, threads=args.threads,
-                                                  latency_batch=min(args.batch))
+                                                  latency_batch=min(args.batch), provider=providers[-1])
                 prune_s = time.perf_counter() - t0
                 if not report.macs_before or not report.macs_after:
                     raise RuntimeError(f"{model}: MAC count unavailable (dynamic spatial dims?)")
