@@ -347,7 +347,7 @@ class Scoring:
 
     @classmethod
     def for_prepared(cls, prepared, seed: int = 0, landmarks: int | None = None, bn_mode: str = "gamma",
-                     calib=None) -> "Scoring":
+                     calib=None, synthetic: bool = True) -> "Scoring":
         """Scoring of a `pipeline.Prepared` model, with its channel statistics computed when first needed:
         data-free from BatchNorm where the graph has it, else measured on `calib` (feeds or an .npz path) or,
         without, on synthetic 1/f-noise inputs."""
@@ -355,7 +355,7 @@ class Scoring:
             from onnx_prune.analysis.expected import channel_statistics
 
             ids = [g.id for g in prepared.analysis.prunable_groups]
-            return channel_statistics(prepared, ids, calib, seed=seed)
+            return channel_statistics(prepared, ids, calib, seed=seed, synthetic=synthetic)
 
         return cls.of(prepared.model, prepared.weights(), seed, landmarks, bn_mode, statistics)
 

@@ -69,6 +69,9 @@ class PruneOptions:
                               "removed channel's mean, from BatchNorm statistics, --calib data or synthetic 1/f-noise "
                               "inputs, is folded into its consumers' biases)", group=METHOD, action="store_false",
                               flag="--no-compensate")
+    synthetic_statistics: bool = option(False, "where neither BatchNorm nor --calib gives channel means, measure "
+                                        "them on synthetic 1/f-noise images and compensate with them too (off: "
+                                        "measured to hurt as often as help)", group=METHOD, action="store_true")
     merge_neighbours: bool = option(False, "with --method similarity: fold a removed channel into its most "
                                     "similar kept one", group=METHOD, action="store_true")
     medoid: bool = option(False, "with --method centripetal: keep each cluster's medoid instead of its centroid",

@@ -350,11 +350,24 @@ def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
                   given.calibration if opts.calib else None)
 
 
+def exact_only(stats):
+    """Statistics keeping only what is exact whatever the inputs: deterministic channels (all-zero producer
+    rows carry their bias); the rest unknown, so compensation leaves them alone."""
+    from dataclasses import replace
+
+    mean = np.where(stats.deterministic, stats.mean, np.nan)
+    reads = {node: replace(read, mean=np.where(read.deterministic, read.mean, np.nan))
+             for node, read in stats.reads.items()}
+    return replace(stats, mean=mean, reads=reads)
+
+
 def compensated(given, plan: Plan) -> tuple[Plan, dict]:
     """`plan` with each removed channel replaced by its expected value (`passes.compensate`), and a summary."""
     from onnx_prune.passes.compensate import compensate, compensation_summary
 
-    stats = {gid: st for gid, st in given.statistics(sorted(plan.groups)).items() if st is not None}
+    trusted = ("bn", "measured", "constant") + (("synthetic",) if given.opts.synthetic_statistics else ())
+    stats = {gid: st if st.source in trusted else exact_only(st)
+             for gid, st in given.statistics(sorted(plan.groups)).items() if st is not None}
     plan = compensate(given.prepared, plan, stats)
     summary = compensation_summary(plan, stats)
     return plan, {str(gid): entry for gid, entry in summary.items()}
