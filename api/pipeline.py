@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -186,11 +187,22 @@ class PruneReport:
     channels_after: int
     groups: list[GroupSummary]
     details: dict = field(default_factory=dict)  # method-specific: clusters, merge, repair, blend, target
+    validation: dict | None = None  # fidelity and accuracy against the original, when validated
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "groups"}
         out["groups"] = [g.to_dict() for g in self.groups]
         return out
+
+    def summary(self) -> str:
+        """One screen: method, cost before -> after, requested vs achieved target, fidelity and accuracy."""
+        from onnx_prune.report import summary
+
+        return summary(self)
+
+    def __repr__(self) -> str:  # the whole report runs to thousands of characters
+        return (f"PruneReport({self.source!r}, MACs {self.macs_before} -> {self.macs_after}, "
+                f"channels {self.channels_before} -> {self.channels_after}; .summary() for more)")
 
 
 @dataclass
@@ -262,6 +274,11 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
     if opts.ridge < 0:
         raise PruneError(f"--ridge must be >= 0, got {opts.ridge}")
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
+        raise PruneError(f"--seed must be a non-negative integer, got {opts.seed}")
+    for name, value in opts.__dict__.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PruneError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if opts.round_to != "auto" and (isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int)
                                     or opts.round_to < 1):
         raise PruneError(f"--round-to must be a positive integer or auto, got {opts.round_to}")
@@ -500,8 +517,9 @@ def _target_record(target: Target, before: Cost | None, after: Cost | None, summ
         record["macs_kept"] = after.macs / before.macs
     if before and after and before.params:
         record["params_kept"] = after.params / before.params
-    channels = sum(g.size for g in summary.groups)
-    record["channels_removed"] = 1 - sum(g.kept for g in summary.groups) / channels if channels else 0.0
+    prunable = sum(g.size - g.frozen for g in summary.groups)  # frozen channels were never on offer
+    removed = sum(g.size - g.kept for g in summary.groups)
+    record["channels_removed"] = removed / prunable if prunable else 0.0
     achieved = {"macs": record.get("macs_kept"), "params": record.get("params_kept"),
                 "ratio": record["channels_removed"]}.get(target.kind)
     if achieved is not None:
@@ -541,12 +559,10 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
 def calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
     """The --calib data as feeds: an .npz/.npy (N samples along the batch axis), an image folder (with the
     preprocessing options) or a data-loader script (`runtime.data`)."""
-    from onnx_prune.runtime.data import load_feeds
+    from onnx_prune.runtime.data import load_feeds, preprocessing_options
 
-    preprocessing = {k: getattr(opts, k) for k in ("image_size", "mean", "std", "layout", "color")
-                     if getattr(opts, k) is not None}
     try:
-        return load_feeds(opts.calib, prepared.model, **preprocessing)
+        return load_feeds(opts.calib, prepared.model, **preprocessing_options(opts))
     except (PruneError, ValueError, OSError) as err:
         message = str(err)
         raise PruneError(message if str(opts.calib) in message else f"--calib {opts.calib}: {message}") from None
