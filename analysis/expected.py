@@ -334,6 +334,8 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, analysis):
         self.model, self.analysis = model, analysis
         self.inits = {t.name: t for t in model.graph.initializer}
+        self.graph_inputs = {i.name for i in model.graph.input} - set(self.inits)
+        self.through_linear = False
         self._values: dict[str, np.ndarray] = {}
         self.ranks = {}
         for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
@@ -408,9 +410,12 @@ MOVING = ("Concat", "Split", "Slice", "Gather", "Transpose", "Reshape", "Flatten
           "Resize", "Pad", "Identity")
 
 
-def propagate(model: onnx.ModelProto, analysis) -> dict[str, Carried]:
-    """`Carried` for every tensor that has a channel layout, walking the (sorted) graph once, data-free."""
+def propagate(model: onnx.ModelProto, analysis, through_linear: bool = False) -> dict[str, Carried]:
+    """`Carried` for every tensor that has a channel layout, walking the (sorted) graph once, data-free.
+    `through_linear`: also push moments through Conv/Gemm/MatMul producers (`_linear_moments`), starting from
+    normalised graph inputs, for channels no BatchNorm describes."""
     g = _Graph(model, analysis)
+    g.through_linear = through_linear
     layouts = analysis.layouts
     carried: dict[str, Carried] = {}
     for node in model.graph.node:
@@ -493,10 +498,44 @@ def _linear(g: _Graph, node, value: Carried | None, n: int) -> Carried:
             else np.zeros(rows.shape[0])
     else:  # MatMul
         rows, b = weight.T, np.zeros(weight.shape[1])
+    if g.through_linear:
+        value = value if value is not None else _graph_input(g, node, weight)
+        if value is not None and rows.shape[0] == n:
+            result = _linear_moments(node, weight, rows, b, value, n)
     if rows.shape[0] == n:
         zero = ~np.any(rows != 0, axis=1)
         result.const[zero] = b[zero]
     return result
+
+
+def _graph_input(g: _Graph, node, weight: np.ndarray) -> Carried | None:
+    """A Conv reading a graph input: taken as normalised, zero mean and unit variance per channel."""
+    if node.op_type != "Conv" or node.input[0] not in g.graph_inputs:
+        return None
+    size = weight.shape[1] * _attr(node, "group", 1)
+    return Carried(np.full(size, np.nan), np.zeros(size), np.ones(size), node.input[0])
+
+
+def _linear_moments(node, weight: np.ndarray, rows: np.ndarray, bias: np.ndarray, value: Carried,
+                    n: int) -> Carried:
+    """Moments through a linear layer from its input's: the mean exactly (sum over taps and inputs of W * m,
+    plus the bias; zero-padded borders ignored), the variance as for independent input channels whose
+    pixels move together within a kernel window (sum over inputs of (kernel sum)^2 * var)."""
+    mean_in, var_in = value.moments()
+    result = Carried.unknown(n)
+    if node.op_type == "Conv":
+        group, per = _attr(node, "group", 1), weight.shape[1]
+        if per * group != len(mean_in):
+            return result
+        source = (np.arange(n) // (n // group))[:, None] * per + np.arange(per)[None, :]
+        tapsum = weight.reshape(n, per, -1).sum(axis=2)
+        mean = (tapsum * mean_in[source]).sum(axis=1) + bias
+        var = (tapsum ** 2 * var_in[source]).sum(axis=1)
+    elif node.op_type in ("Gemm", "MatMul") and rows.shape[1] == len(mean_in):
+        mean, var = rows @ mean_in + bias, (rows ** 2) @ var_in
+    else:
+        return result
+    return Carried(result.const, mean, np.sqrt(np.maximum(var, 0.0)), node.output[0])
 
 
 def _no_padding(node) -> bool:
@@ -676,6 +715,7 @@ class ReadStatistics:
     var: np.ndarray
     deterministic: np.ndarray
     source: str
+    activated: bool = True  # the tensor is an activation's output (see `is_activated`)
 
 
 @dataclass
@@ -683,6 +723,7 @@ class GroupStatistics:
     """Per channel of a group: mean and variance of what its consumers read (averaged over consumer reads
     where they differ, e.g. along a residual stream; the per-consumer values are in `reads`), whether the value
     is deterministic (then `var` is 0 and `mean` exact), and the source: "bn" (data-free, BatchNorm statistics),
+    "propagated" (data-free, moments pushed through the linear layers from normalised inputs),
     "measured" (calibration feeds), "synthetic" (1/f noise inputs), "constant" (every channel deterministic),
     "unmeasured" (synthetic inputs could not be built: an input size is open and no `shapes` were given; the
     channels no BatchNorm describes stay NaN), "none" (no consumer reads the group: nothing to compensate)."""
@@ -701,17 +742,29 @@ class GroupStatistics:
 
 def channel_statistics(prepared, group_ids=None, calib=None, *, samples: int = SAMPLES, batch: int = BATCH,
                        seed: int = 0, normalization: tuple | None = None,
-                       shapes: dict | None = None) -> dict[int, GroupStatistics]:
+                       shapes: dict | None = None, synthetic: bool = True,
+                       estimate: str = "propagate") -> dict[int, GroupStatistics]:
     """`GroupStatistics` for every group in `group_ids` (default: all) of a `pipeline.Prepared` model.
 
     `calib`: calibration feeds (a list of input dicts) or an .npz path; given, every varying channel is
     measured on them.  Without, channels that a BatchNorm describes are computed data-free and the rest are
     measured on `synthetic_inputs(samples, batch, seed, normalization, shapes)`.  Deterministic channels are
-    exact either way.  Memory: one batch of the read tensors plus per-position sums.
+    exact either way.  `synthetic=False`: without `calib`, nothing is measured (channels no BatchNorm describes
+    stay unknown, source "unmeasured").  Memory: one batch of the read tensors plus per-position sums.
+
+    `estimate` (without `calib`, for channels no BatchNorm describes -- a BN-fused export):
+    ``"propagate"`` (default) pushes moments from normalised inputs through the linear layers
+    (`_linear_moments`; source "propagated"), measuring on synthetic inputs only what that cannot follow;
+    ``"synthetic"`` measures them all on synthetic inputs.  On the pretrained MobileNetV2 (BN fused) the
+    propagated means compensated better than the synthetic ones (benchmarks/compensation.py).
     """
+    if estimate not in ("propagate", "synthetic"):
+        raise ValueError(f"estimate must be 'propagate' or 'synthetic', not {estimate!r}")
     model, analysis = prepared.model, prepared.analysis
     groups = analysis.groups if group_ids is None else [analysis.groups[g] for g in group_ids]
-    carried = propagate(model, analysis)
+    from_bn = propagate(model, analysis)
+    carried = propagate(model, analysis, through_linear=True) if estimate == "propagate" and calib is None \
+        else from_bn
     data_input = {n.name: n.input[0] for n in model.graph.node if n.input}
     reads_of: dict[int, dict[str, str]] = {}
     to_measure: set[str] = set()
@@ -728,6 +781,8 @@ def channel_statistics(prepared, group_ids=None, calib=None, *, samples: int = S
                 to_measure.add(tensor)
     measured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     kind = "measured" if calib is not None else "synthetic"
+    if to_measure and calib is None and not synthetic:
+        to_measure, kind = set(), "unmeasured"
     if to_measure:
         try:
             feeds = _calibration_feeds(calib, model) if calib is not None else \
@@ -738,8 +793,28 @@ def channel_statistics(prepared, group_ids=None, calib=None, *, samples: int = S
             feeds, kind = [], "unmeasured"  # an input size left open (no `shapes`): what is unknown stays so
         if feeds:
             measured = measure_moments(model, analysis, sorted(to_measure), feeds)
-    return {group.id: _group_statistics(analysis, group, reads_of[group.id], carried, measured, kind)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return {group.id: _group_statistics(analysis, group, reads_of[group.id], carried, from_bn, measured, kind,
+                                        producers)
             for group in groups}
+
+
+LINEAR_OPS = ("Identity", "Dropout", "Cast", "Neg")
+GATES = ("Sigmoid", "HardSigmoid")
+
+
+def is_activated(tensor: str, producers: dict) -> bool:
+    """Is `tensor` the output of a nonlinear activation (possibly pooled, reshaped or concatenated after)?
+    x * sigmoid(x) and x * hardsigmoid(x) count; BatchNorm, Add of a residual stream and linear layers do not."""
+    node = producers.get(tensor)
+    while node is not None and (node.op_type in MOVING or node.op_type in POOLS_KEEPING_MOMENTS) and node.input:
+        node = producers.get(node.input[0])
+    if node is None:
+        return False
+    if node.op_type in ACTIVATIONS:
+        return node.op_type not in LINEAR_OPS
+    return node.op_type == "Mul" and any(producers.get(i) is not None and producers[i].op_type in GATES
+                                         for i in node.input)
 
 
 def _calibration_feeds(calib, model) -> list[dict]:
@@ -774,7 +849,8 @@ def measure_moments(model: onnx.ModelProto, analysis, tensors: list[str],
     return out
 
 
-def _group_statistics(analysis, group, reads: dict[str, str], carried, measured, kind) -> GroupStatistics:
+def _group_statistics(analysis, group, reads: dict[str, str], carried, from_bn, measured, kind,
+                      producers) -> GroupStatistics:
     size = group.size
     per_read = {}
     for node, tensor in reads.items():
@@ -783,6 +859,10 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
         value = carried.get(tensor, Carried.unknown(len(lay.ids)))
         mean, var = value.moments()
         source = "bn"
+        bn_value = from_bn.get(tensor)
+        if bn_value is not value and (bn_value is None or not np.isfinite(bn_value.moments()[0][mine]).all()) \
+                and np.isfinite(mean[mine]).all():
+            source = "propagated"
         if kind == "unmeasured" and not np.isfinite(mean[mine]).all():
             source = kind
         if tensor in measured:
@@ -804,7 +884,8 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
         c_fixed = np.bincount(channels, fixed[mine].astype(np.float64), size) == count
         c_var[c_fixed & seen & (c_var < 1e-12 * np.maximum(c_mean ** 2, 1.0))] = 0.0
         c_mean[~seen], c_var[~seen] = np.nan, np.nan
-        per_read[node] = ReadStatistics(node, tensor, c_mean, c_var, c_fixed & seen & (c_var == 0), source)
+        per_read[node] = ReadStatistics(node, tensor, c_mean, c_var, c_fixed & seen & (c_var == 0), source,
+                                        is_activated(tensor, producers))
     if not per_read:
         nan = np.full(size, np.nan)
         return GroupStatistics(group.id, nan, nan.copy(), np.zeros(size, dtype=bool), "none", {})
@@ -817,5 +898,6 @@ def _group_statistics(analysis, group, reads: dict[str, str], carried, measured,
     deterministic = np.array([r.deterministic for r in per_read.values()]).sum(axis=0) == read_seen.sum(axis=0)
     deterministic &= read_seen.any(axis=0)
     sources = {r.source for r in per_read.values()}
-    source = next((s for s in ("measured", "synthetic", "unmeasured", "bn") if s in sources), "constant")
+    source = next((s for s in ("measured", "synthetic", "propagated", "unmeasured", "bn") if s in sources),
+                  "constant")
     return GroupStatistics(group.id, mean, var, deterministic, source, per_read)

@@ -18,7 +18,10 @@ activation's curvature is ignored).  A channel whose mean is unknown (NaN: no co
 could be measured) gets no shift, and neither does one folded onto a kept channel of unknown mean.
 
 Consumers that read the group at different points (a residual stream: x1, x1 + x2, ...) get their own vector in
-`consumer_shift` where it differs from the group's.
+`consumer_shift` where it differs from the group's (that of the first consumer by name).
+
+Means estimated without BatchNorm statistics or data ("propagated", "synthetic") are used only where the
+consumer reads an activation's output (`_trusted`).
 """
 from __future__ import annotations
 
@@ -46,6 +49,19 @@ def lost_means(mean: np.ndarray, fold: np.ndarray, merge: np.ndarray) -> np.ndar
     return np.where(known & ~reaches_unknown, shift, 0.0)
 
 
+ESTIMATED = ("propagated", "synthetic")
+
+
+def _trusted(read) -> np.ndarray:
+    """The means of a consumer read worth compensating: all of them, except a data-free estimate (no BatchNorm,
+    no calibration data) of a tensor that no activation produced -- a linear stream's mean is the small sum of
+    many estimated terms, mostly their error (on MobileNetV2 compensating those lowered agreement).
+    Deterministic channels are exact whatever the source."""
+    if read.source in ESTIMATED and not read.activated:
+        return np.where(read.deterministic, read.mean, np.nan)
+    return read.mean
+
+
 def compensate(prepared, plan: Plan, stats: dict[int, GroupStatistics]) -> Plan:
     """A new Plan: `plan` with `shift` (and `consumer_shift` where consumers read different means) for every
     group that loses or merges channels and has statistics.  `prepared` is the model the plan and the
@@ -60,13 +76,9 @@ def compensate(prepared, plan: Plan, stats: dict[int, GroupStatistics]) -> Plan:
             out.groups[gid] = gplan
             continue
         fold, merge = _matrices(gplan, size)
-        shift = lost_means(st.mean, fold, merge)
-        own = {}
-        for node, read in st.reads.items():
-            vector = lost_means(read.mean, fold, merge)
-            seen = np.isfinite(read.mean)
-            if not np.array_equal(vector[seen], shift[seen]):
-                own[node] = vector
+        vectors = {node: lost_means(_trusted(read), fold, merge) for node, read in sorted(st.reads.items())}
+        shift = next(iter(vectors.values()))
+        own = {node: v for node, v in vectors.items() if not np.array_equal(v, shift)}
         out.groups[gid] = GroupPlan(gplan.keep, gplan.fold, gplan.merge, shift, own)
     return out
 
