@@ -41,8 +41,10 @@ class PruneOptions:
     target_latency: float | None = option(None, "keep this fraction of the original's latency, measured with "
                                           "onnxruntime on --provider/--threads/--latency-batch", group=TARGET,
                                           metavar="F")
-    criterion: str = option("l2", "channel saliency: l1, l2, fpgm, bn, bnvar, random, similarity, nystrom "
-                            "(data-free) or activation, apoz (need --calib), or blend; default l2", group=CHOICE)
+    criterion: str = option("bnvar", "channel saliency: bnvar (default: the output error a removal adds after "
+                            "compensation, from BatchNorm statistics, --calib data or synthetic inputs), l1, l2, "
+                            "fpgm, bn, random, similarity, nystrom (data-free) or activation, apoz (need --calib), "
+                            "or blend", group=CHOICE)
     bn_weighting: str = option("gamma", "how a BatchNorm after a layer enters magnitude criteria: gamma (raw "
                                "filters x |gamma|, default) or folded (gamma / running sigma folded in)",
                                group=CHOICE, choices=["gamma", "folded"])
