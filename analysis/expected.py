@@ -15,10 +15,14 @@ Two small layers:
     statistics promise -- and pushed forward through the elementwise ops in between (activations, per-channel
     affine constants, x * sigmoid(x) patterns evaluated jointly on the same z), pooling (mean kept, variance
     kept as an upper bound) and depthwise carriers (mean * sum of the kernel + bias).
-  * ``"measured"`` (``calib`` feeds given) or ``"synthetic"`` (no BatchNorm to read, as in every TorchScript
-    eval export, which folds BN into the convs): onnxruntime runs the model with the consumer-read tensors as
-    extra outputs and accumulates per-position sums and sums of squares (memory bounded by one batch).
-    Synthetic inputs are 1/f ("pink") noise images, see `synthetic_inputs`.
+  * ``"propagated"`` (data-free, default where no BatchNorm is left, as in every TorchScript eval export, which
+    folds BN into the convs): moments pushed from normalised inputs (zero mean, unit variance) through the
+    linear layers too -- means exactly, variances for independent channels whose pixels move together
+    within a kernel window.
+  * ``"measured"`` (``calib`` feeds given) or ``"synthetic"`` (``estimate="synthetic"``, and whatever
+    propagation cannot follow): onnxruntime runs the model with the consumer-read tensors as extra outputs and
+    accumulates per-position sums and sums of squares (memory bounded by one batch).  Synthetic inputs are
+    1/f ("pink") noise images, see `synthetic_inputs`.
 
   Whatever the source, a channel that is deterministic -- its producer rows are all zero (it carries its bias),
   or a BatchNorm with gamma = 0 makes it beta -- is recognised by the same forward pass: its mean is that value,

@@ -4,8 +4,9 @@ model, pruned with and without compensation, at one MAC target.
     python3 benchmarks/compensation.py [--model models/zoo/mobilenet_v2_imagenet.onnx] [--macs 0.9]
                                        [--criterion l2] [--samples 32]
 
-Statistics are data-free: BatchNorm statistics where the export kept BN nodes, else measured on 1/f-noise
-synthetic inputs (`analysis.expected.synthetic_inputs`).  Agreement is measured on the committed evaluation set
+Statistics are data-free: BatchNorm statistics where the export kept BN nodes, else moments propagated through
+the linear layers ("compensated", the default) or measured on 1/f-noise synthetic inputs
+("compensated_synthetic", `analysis.expected.synthetic_inputs`).  Agreement is measured on the committed evaluation set
 (20 labelled ImageNet images and 300 crops of natural photos, `models/pretrained/imagenet_eval.py`).
 Prints one JSON object.
 """
@@ -53,12 +54,14 @@ def main() -> None:
     plan, prepared = make_plan(args.model, target_macs=args.macs, criterion=args.criterion, compensate=False)
     reference = predictions(prepared.model, images)
     start = time.perf_counter()
-    stats = channel_statistics(prepared, samples=args.samples)
+    stats = channel_statistics(prepared)
     seconds = time.perf_counter() - start
     result = {"model": Path(args.model).name, "target_macs": args.macs, "criterion": args.criterion,
               "images": len(images), "statistics_seconds": round(seconds, 2),
               "sources": dict(collections.Counter(s.source for s in stats.values()))}
-    variants = [("plain", plan), ("compensated", compensate(prepared, plan, stats))]
+    synthetic = channel_statistics(prepared, samples=args.samples, estimate="synthetic")
+    variants = [("plain", plan), ("compensated", compensate(prepared, plan, stats)),
+                ("compensated_synthetic", compensate(prepared, plan, synthetic))]
     if args.calib_crops:
         from photo_split import crops, normalize
         calib_images = normalize(crops("calib", args.calib_crops)[0])

@@ -348,3 +348,26 @@ def test_lost_means_for_pruning_and_merging():
     # identical channels merged: nothing is lost, so exact merges stay exact
     same = np.array([3.0, 3.0, 4.0, 1.0])
     assert lost_means(same, fold, merge).tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_estimated_means_of_linear_streams_are_not_compensated_but_constants_are():
+    """Without BatchNorm or data, a channel no activation produced keeps no shift (its estimated mean is mostly
+    error); a deterministic one still gets its exact value, and BatchNorm statistics are always used."""
+    rng = np.random.default_rng(13)
+    w1 = rng.normal(0, 0.3, (C, 3, 3, 3))
+    w1[4] = 0
+    inits = [_t("w1", w1), _t("b1", rng.normal(1.0, 0.5, C)), _t("w2", rng.normal(0, 0.3, (4, C, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Conv", ["c1", "w2"], ["y"], name="conv2")]
+    model = _model(nodes, inits, [2, 4, 8, 8])
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    stats = channel_statistics(prepared)
+    read = stats[group.id].reads["conv2"]
+    assert read.source == "propagated" and not read.activated
+    plan = compensate(prepared, Plan({group.id: GroupPlan(np.array([0, 2, 3, 5]))}), stats)
+    shift = plan.groups[group.id].shift
+    assert shift[1] == 0.0 and shift[4] == pytest.approx(float(numpy_helper.to_array(inits[1])[4]))
+    measured = channel_statistics(prepared, calib=feeds_for(model))
+    assert compensate(prepared, Plan({group.id: GroupPlan(np.array([0, 2, 3, 5]))}), measured).groups[
+        group.id].shift[1] != 0.0  # measured means are trusted
