@@ -163,3 +163,29 @@ def test_unknown_shapes_give_partial_counts_on_request():
     cost = count_cost(model, partial=True)
     assert cost.macs == 0 and "op" in cost.unknown and cost.params == 108
     assert cost.unknown_lines()[0].startswith("MACs unknown for node 'op': shape of 'y'")
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["shufflenet_v2_x1_0", "efficientnet_b0"])
+def test_static_shapes_match_a_real_run_on_computed_shape_exports(name):
+    """TorchScript computes ShuffleNetV2's chunk bounds and shuffle targets at run time; folding them must
+    find every size a real onnxruntime run sees (the tool itself never runs the model for this)."""
+    import onnx
+    import onnxruntime as ort
+
+    from conftest import zoo_model
+    from onnx_prune.passes.normalize import NormalizeWeightsPass
+    from onnx_prune.runtime.fidelity import make_inputs
+    from onnx_prune.runtime.shapes import infer_shapes
+
+    model = NormalizeWeightsPass()(onnx.load(str(zoo_model(name, "torchscript")))).model
+    shapes = infer_shapes(model)
+    names = [o for node in model.graph.node for o in node.output if o]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    measured = session.run(names, make_inputs(model, samples=1, batch=1)[0])
+    for tensor, value in zip(names, measured):
+        assert shapes[tensor] is not None and list(shapes[tensor][1:]) == list(value.shape[1:]), tensor
