@@ -1,7 +1,9 @@
 """Data-free saliency of every channel of a group.
 
-A *criterion* scores the filters of one layer: rows of a matrix (one row per output position, BatchNorm folded
-in where a BatchNormalization follows the layer, bias as the last column).  An *aggregation* turns the scores
+A *criterion* scores the filters of one layer: rows of a matrix (one row per output position, bias as the last
+column).  A BatchNormalization after the layer enters as a factor |gamma| on the raw filters' scores (bn_mode
+"gamma", the default) or folded into the rows ("folded": gamma / running sigma, which inflates nearly dead
+channels); either way it is part of its layer, never a layer of its own.  An *aggregation* turns the scores
 of all the layers a group touches into one score per channel (METHODS.md §1):
 
 - ``first``: the group's first producer only (coupling-blind, the baseline Domino improves on);
@@ -11,6 +13,12 @@ of all the layers a group touches into one score per channel (METHODS.md §1):
 
 ``normalize`` divides by the number of weights a channel's removal deletes (the paper's "-avg" variants).
 Higher scores mean more important.
+
+``bnvar`` is a group-level criterion: the variance of what each consumer reads (from the BatchNorm statistics
+through the activation, or measured) times the consumer's squared weights -- the output error of removing the
+channel once compensation puts its mean in the consumers' biases.  Its scores share units across groups
+(`comparable_across_groups`).  ``similarity`` / ``nystrom``: distance to the nearest filter prototype, exact or
+through the Nystrom approximation (landmarks default to the prototypes' rank; the measured error is noted).
 """
 from __future__ import annotations
 
