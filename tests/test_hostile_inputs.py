@@ -321,8 +321,9 @@ def test_custom_domain_op_freezes_channels_without_running_the_model():
     report = onnx_prune.analyze(model)
     frozen = next(g for g in report.groups if g.name == "conv0")
     assert frozen.frozen == frozen.size and "custom op" in frozen.reasons[0]
-    # compensation's synthetic moments still run the model (analysis/expected.py, not this code)
-    pruned, _ = onnx_prune.prune(model, ratio=0.5, compensate=False)
+    # default options: the statistics bnvar would measure cannot be (onnxruntime cannot load the op), so the
+    # criterion falls back and nothing is compensated, instead of failing
+    pruned, _ = onnx_prune.prune(model, ratio=0.5)
     w2 = next(t for t in pruned.graph.initializer if t.name == "w2")
     assert w2.dims[0] < 8  # the layers after it are still pruned
     cost = count_cost(model, partial=True)
@@ -356,7 +357,7 @@ def test_huge_constant_of_shape_is_never_built():
     onnx.checker.check_model(model, full_check=True)
     report = onnx_prune.analyze(model)
     assert report.groups
-    pruned, _ = onnx_prune.prune(model, ratio=0.5, compensate=False)  # see the custom-op test
+    pruned, _ = onnx_prune.prune(model, ratio=0.5)  # statistics unmeasurable: no crash (see the custom-op test)
     onnx.checker.check_model(pruned, full_check=True)
     cost = count_cost(model, partial=True)
     assert "conv1" in cost.unknown and cost.per_node["conv0"].macs == 8 * 8 * 8 * 27
