@@ -140,3 +140,19 @@ def test_one_cpu_thread_is_timed_by_its_cpu_time():
     assert run_clock(1, "cuda") == ("wall", time.perf_counter)
     assert [r.clock for r in benchmark(_conv_model(), providers=["cpu"], warmup=0, repeat=2, threads=1)] == ["cpu"]
     assert check_speedup(_conv_model(), _conv_model(), threads=2, repeat=2, warmup=0).clock == "wall"
+
+
+def test_cli_min_speedup_fails_with_exit_4_and_writes_nothing(tmp_path, capsys):
+    from pathlib import Path
+
+    from onnx_prune.cli import main
+
+    fixture = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "residual_add.onnx"
+    out = tmp_path / "pruned.onnx"
+    # no pruning makes a model 1000 times faster: the gate fails whatever the clock says
+    assert main([str(fixture), str(out), "--ratio", "0.3", "--min-speedup", "1000", "--threads", "1"]) == 4
+    assert not out.exists()
+    assert "--min-speedup" in capsys.readouterr().err
+    assert main([str(fixture), str(out), "--ratio", "0.3", "--min-speedup", "0.001", "--threads", "1",
+                 "--quiet"]) == 0
+    assert out.exists()
