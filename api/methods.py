@@ -48,6 +48,11 @@ class MethodInput:
         return self._scoring
 
     @property
+    def scored(self) -> bool:
+        """Has anything asked for the scoring yet (so reading its notes costs nothing)?"""
+        return self._scoring is not None
+
+    @property
     def synthetic_statistics(self) -> bool:
         """Measure channel statistics on synthetic 1/f-noise inputs where neither BatchNorm nor --calib gives
         them: when the criterion needs variances (bnvar, a blend pool) or the user asks (--synthetic-statistics).
@@ -247,7 +252,10 @@ class RedMethod(Method):
     def finish_passes(self, opts):
         from onnx_prune.passes.uneven_depthwise import SeparateDepthwisePass
 
-        return [SeparateDepthwisePass()] if opts.separate_depthwise else []
+        if not opts.separate_depthwise:
+            return []
+        return [SeparateDepthwisePass(provider=opts.provider, measure_latency=opts.separate_by_latency,
+                                      threads=opts.threads)]
 
     def build(self, given: MethodInput) -> tuple[Plan, dict]:
         from onnx_prune.passes.merge import MergeSearch

@@ -91,6 +91,9 @@ class PruneOptions:
                                   "alone reaches the target; the rest is pruned (default 1)", group=METHOD)
     separate_depthwise: bool = option(True, "red: no uneven depthwise separation", group=METHOD,
                                       action="store_false", flag="--no-separate")
+    separate_by_latency: bool = option(False, "red: separate a conv only where it also measures no slower on "
+                                       "--provider (timing-based, so the bytes may differ between runs; default: "
+                                       "decided by MACs alone)", group=METHOD, action="store_true")
     landmarks: int | None = option(None, "Nystrom landmark count (default: the filter prototypes' rank, which is "
                                    "exact; fewer approximate, with the measured error in the report)",
                                    group=METHOD, metavar="M")

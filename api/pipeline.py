@@ -363,6 +363,8 @@ def build_recipe(model: "ModelLike | Prepared", opts: PruneOptions) -> Recipe:
     details = {**pass_details, **details}
     if opts.compensate and plan.groups:
         plan, details["compensation"] = compensated(given, plan)
+    if given.scored and given.scoring.notes:  # e.g. the Nystrom fit per layer, where statistics came from
+        details["scoring"] = given.scoring.notes
     return Recipe(method.name, opts, plan, prepared, given.original_cost, details,
                   given.calibration if opts.calib else None)
 
