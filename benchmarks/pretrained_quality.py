@@ -434,6 +434,14 @@ def plot(rows: list[dict], path: Path, series: int = 8) -> None:
     fig, axes = plt.subplots(lines_, columns, figsize=(7.5 * columns, 4.0 * lines_), squeeze=False)
     colours = plt.get_cmap("tab10").colors
     markers = "osD^v<>Ph*X"
+    style: dict[str, tuple] = {}  # one colour and marker per configuration across all panels
+
+    def style_of(label: str) -> tuple:
+        if label not in style:
+            i = len(style)
+            style[label] = (colours[i % len(colours)], markers[(i + 3 * (i // len(colours))) % len(markers)])
+        return style[label]
+
     for ax, (model, kind) in zip(axes.flat, panels):
         mine = [r for r in rows if r["model"] == model and r["kind"] == kind and "top1_agreement" in r
                 and r["method"] != "unpruned" and not r["photos"]]
@@ -444,11 +452,12 @@ def plot(rows: list[dict], path: Path, series: int = 8) -> None:
         ranked = sorted((lbl for lbl in by_label if lbl not in always),
                         key=lambda lbl: -np.mean([p[1] for p in by_label[lbl]]))
         chosen = always + ranked[:max(0, series - len(always))]
-        for i, label in enumerate(chosen):
+        for label in chosen:
             points = sorted(by_label[label])
-            style = "--" if label.startswith("torch-pruning") else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=markers[i % len(markers)],
-                    color=colours[i % len(colours)], label=label, linewidth=1.3, markersize=6)
+            colour, marker = style_of(label)
+            line = "--" if label.startswith("torch-pruning") else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], line, marker=marker, color=colour, label=label,
+                    linewidth=1.3, markersize=6)
         targets = sorted({r["keep_target"] for r in mine})
         ax.set_title(f"{model} ({kind})", fontsize=10)
         ax.set_xlabel("share of MACs kept")
@@ -514,9 +523,14 @@ def main(argv=None) -> int:
     tp_cache: dict = {}
     if args.from_json:  # re-render (or merge runs done in parallel) without measuring
         loaded = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
-        rows = [row for run in loaded for row in run["rows"]]
+        unique: dict[tuple, dict] = {}  # a row measured by two runs (the unpruned model, cached baselines): once
+        for row in (row for run in loaded for row in run["rows"]):
+            unique.setdefault(tuple(row.get(k) for k in ("model", "kind", "method", "calib", "photos",
+                                                          "keep_target")), row)
+        order = {name: i for i, name in enumerate(IMAGENET + FMNIST + KINDS + ("committed",))}
+        rows = sorted(unique.values(), key=lambda r: (order.get(r["model"], 99), order.get(r["kind"], 99)))
         args.argv = [run["command"].removeprefix("python benchmarks/pretrained_quality.py ") for run in loaded]
-        write_outputs(rows, args, started - sum(run["seconds"] for run in loaded), final=True)
+        write_outputs(rows, args, started - max(run["seconds"] for run in loaded), final=True)  # in parallel
         return 0
     for model in args.models:
         benchmark_model(model, args.kinds, args.keep, args, tp_cache, rows,
@@ -532,15 +546,16 @@ def write_outputs(rows: list[dict], args, started: float, final: bool) -> None:
     machine = f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, " \
               f"onnxruntime {ort.__version__}"
     runs = args.argv if args.from_json else [" ".join(args.argv)]
-    command = " ; ".join(f"python benchmarks/pretrained_quality.py {argv}" for argv in runs)
+    commands = [f"python benchmarks/pretrained_quality.py {argv}" for argv in runs]
+    command = " ; ".join(commands)
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": machine, "seconds": round(time.perf_counter() - started, 1),
          "photos": {side: photo_split.side_photos(side) for side in photo_split.SIDES}, "rows": rows},
         indent=1) + "\n")
-    run = "merged runs" if args.from_json else f"{'quick' if args.quick else 'full'} run"
+    run = f"{len(runs)} runs in parallel, merged" if args.from_json else f"{'quick' if args.quick else 'full'} run"
     header = (f"# Pretrained quality ({run}{'' if final else ', partial'})\n\n"
-              f"`{command}` — "
-              f"{time.perf_counter() - started:.0f} s on {machine}.")
+              + "\n".join(f"    {c}" for c in commands)
+              + f"\n\n{time.perf_counter() - started:.0f} s (wall, longest run) on {machine}.")
     text = markdown(rows, header)
     out.with_suffix(".md").write_text(text)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
