@@ -384,7 +384,11 @@ def compensated(given, plan: Plan) -> tuple[Plan, dict]:
     """`plan` with each removed channel replaced by its expected value (`passes.compensate`), and a summary."""
     from onnx_prune.passes.compensate import compensate, compensation_summary
 
-    trusted = ("bn", "measured", "constant") + (("synthetic",) if given.opts.synthetic_statistics else ())
+    # propagated: pushed analytically from the normalised inputs through the linear layers (BN-fused exports);
+    # measured to help (fused MobileNetV2, bnvar at 90% of MACs: 0.178 -> 0.294 top-1 agreement), unlike
+    # means measured on synthetic noise images (0.159)
+    trusted = ("bn", "propagated", "measured", "constant") + (
+        ("synthetic",) if given.opts.synthetic_statistics else ())
     stats = {gid: st if st.source in trusted else exact_only(st)
              for gid, st in given.statistics(sorted(plan.groups)).items() if st is not None}
     plan = compensate(given.prepared, plan, stats)
