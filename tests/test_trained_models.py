@@ -64,13 +64,16 @@ def test_ratio_zero_keeps_every_prediction(name, fmnist_eval):
 
 
 @pytest.mark.parametrize("name", FMNIST)
-def test_ratio_030_gives_a_valid_cheaper_model(name, fmnist_eval):
+def test_default_prune_keeps_accuracy_at_90_percent_of_macs(name, fmnist_eval):
+    # measured with the defaults (bnvar, compensation, uniform): resnet20 0.594, mobilenet_v2 0.656, densenet
+    # 0.892, se_net 0.791 on these 2,000 images; the floor is five times chance (0.10), where the
+    # data-free methods collapsed before compensation (README, Measured)
     x, labels = fmnist_eval
-    model, report = onnx_prune.prune(TRAINED / f"{name}.onnx", ratio=0.3)
+    model, report = onnx_prune.prune(TRAINED / f"{name}.onnx", target_macs=0.9)
     onnx.checker.check_model(model, full_check=True)
-    assert report.macs_after < report.macs_before
-    pred = predictions(model, x)
-    assert pred.shape == labels.shape
+    assert abs(report.details["target"]["achieved"] - 0.9) <= 0.009
+    accuracy = float(np.mean(predictions(model, x) == labels))
+    assert accuracy >= 0.5, accuracy
 
 
 def test_imagenet_eval_set_shapes():
