@@ -44,7 +44,7 @@ from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
 from onnx_prune.runtime.cost import count_cost
-from onnx_prune.runtime.fidelity import load_npz_inputs, make_inputs
+from onnx_prune.runtime.fidelity import load_npz_inputs, make_inputs, relative_error
 
 GENERATIONS = 10        # DE iterations after the initial population
 POPULATION = 16         # individuals per generation (DE needs at least 5)
@@ -116,13 +116,6 @@ def _run(session: ort.InferenceSession, feeds: Feeds) -> list[np.ndarray]:
 def is_class_scores(output: np.ndarray) -> bool:
     """Stacked [S, N, K] classifier or [S, N, K, H, W] per-pixel scores (the rule of `fidelity.compare`)."""
     return output.ndim in (3, 5) and output.shape[2] > 1 and output.dtype.kind == "f"
-
-
-def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
-    ref = reference.astype(np.float64).ravel()
-    diff = float(np.linalg.norm(candidate.astype(np.float64).ravel() - ref))
-    norm = float(np.linalg.norm(ref))
-    return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
 
 
 @dataclass(frozen=True)

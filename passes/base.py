@@ -107,7 +107,7 @@ def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int
     """Largest relative L2 error over the outputs of `after` against `before` on one seeded generated input
     (non-finite values must sit at the same places and are left out).  Raises ValueError where the comparison
     cannot be made: no input can be generated (an input dim without a size), or the model draws random numbers."""
-    from onnx_prune.runtime.fidelity import make_inputs
+    from onnx_prune.runtime.fidelity import make_inputs, relative_error
     from onnx_prune.runtime.sessions import make_session
 
     drawn = sorted({n.op_type for n in before.graph.node} & RANDOM_OPS)
@@ -125,7 +125,7 @@ def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int
         if not np.array_equal(finite, np.isfinite(cand)):
             return float("inf")
         ref, cand = ref[finite], cand[finite]
-        worst = max(worst, float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30)))
+        worst = max(worst, relative_error(ref, cand))
     return worst
 
 

@@ -131,16 +131,23 @@ def _top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | Non
     return float(np.mean(reference.argmax(axis=2) == candidate.argmax(axis=2)))
 
 
+def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||candidate - reference|| / ||reference|| in float64 (0 for two zero arrays, inf against a zero one):
+    the one relative error every report, fitness and pass check uses."""
+    original = np.asarray(reference, dtype=np.float64).ravel()
+    error_norm = float(np.linalg.norm(np.asarray(candidate, dtype=np.float64).ravel() - original))
+    original_norm = float(np.linalg.norm(original))
+    if original_norm:
+        return error_norm / original_norm
+    return 0.0 if error_norm == 0 else math.inf
+
+
 def _output_fidelity(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputFidelity:
     original = reference.astype(np.float64).ravel()
     pruned = candidate.astype(np.float64).ravel()
-    error_norm = float(np.linalg.norm(pruned - original))
     original_norm = float(np.linalg.norm(original))
     pruned_norm = float(np.linalg.norm(pruned))
-    if original_norm:
-        relative_error = error_norm / original_norm
-    else:
-        relative_error = 0.0 if error_norm == 0 else math.inf
+    relative_error_ = relative_error(original, pruned)
     if original_norm and pruned_norm:
         cosine = float(original @ pruned) / (original_norm * pruned_norm)
     else:  # two zero vectors agree; a zero and a non-zero one do not
@@ -149,7 +156,7 @@ def _output_fidelity(name: str, reference: np.ndarray, candidate: np.ndarray) ->
         name=name,
         shape=tuple(reference.shape[1:]),
         max_abs_error=float(np.max(np.abs(pruned - original), initial=0.0)),
-        relative_error=relative_error,
+        relative_error=relative_error_,
         cosine_similarity=cosine,
         top1_agreement=_top1_agreement(reference, candidate),
     )

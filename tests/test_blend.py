@@ -101,8 +101,11 @@ def test_same_seed_same_alpha_whatever_the_worker_count():
     _, one = blend_plan(prepared, PruneOptions(target_macs=0.5), workers=1, **SEARCH)
     _, two = blend_plan(prepared, PruneOptions(target_macs=0.5), workers=2, **SEARCH)
     assert one["weights"] == two["weights"] and one["search"]["evaluations"] == two["search"]["evaluations"]
-    _, other = blend_plan(prepared, PruneOptions(target_macs=0.5, seed=1), workers=1, **SEARCH)
-    assert other["weights"] != one["weights"]
+    # (another seed may well find the same optimum: with bnvar in the pool it dominates this fixture)
+    _, other = blend_plan(prepared, PruneOptions(target_macs=0.5, seed=1), workers=2, **SEARCH)
+    _, again = blend_plan(prepared, PruneOptions(target_macs=0.5, seed=1), workers=1, **SEARCH)
+    assert other["weights"] == again["weights"] and other["search"] == {**again["search"], "workers": 2,
+                                                                          "seconds": other["search"]["seconds"]}
 
 
 def test_saved_weights_reproduce_the_plan(tmp_path):
