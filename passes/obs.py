@@ -516,8 +516,8 @@ class DamageCurve:
 
 
 def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.75), samples: int = 64, *,
-                  positions: int = 64, batch: int = 16, seed: int = 0, select_ridge: float = SELECT_RIDGE,
-                  quiet: bool = False) -> dict[int, DamageCurve]:
+                  sources=None, positions: int = 64, batch: int = 16, seed: int = 0,
+                  select_ridge: float = SELECT_RIDGE, quiet: bool = False) -> dict[int, DamageCurve]:
     """Per group, the damage to the model's outputs (`output_damage`, on the first `samples` feeds' samples)
     when that group alone loses `ratios` of its free channels, chosen and compensated by group OBS on the
     consumers' calibration Grams (one pass over `feeds` for every consumer of the model).  Removing a channel
@@ -530,7 +530,11 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
     from onnx_prune.runtime.calibration import (Layer, Progress, collect_moments, feed_batches, source_index)
 
     analysis, original = prepared.analysis, prepared.model
-    batches = feed_batches(feeds, batch, dynamic_batch(original))
+    # the damage is measured on samples the Grams never saw (the last source fold, at most `samples` of them):
+    # measured in-sample, an OBS reconstruction from few rows looks free (a 1281-feature classifier fitted on
+    # 256 rows) and the allocation then strips exactly the layers it cannot reconstruct
+    fit_feeds, held_feeds = split_by_source(feeds, sources, samples)
+    batches = feed_batches(fit_feeds, batch, dynamic_batch(original))
     count = int(batches[-1][1][-1]) + 1
     source_of, n_sources = source_index(None, count)
     kept = np.ones(len(analysis.id_group), dtype=bool)
@@ -541,8 +545,7 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
                             source_of, n_sources, target=original, folds=1, positions=positions, seed=seed,
                             progress=Progress(quiet=quiet, label="damage: calibration"))
     moments_of = dict(zip(nodes, found))
-    check = feed_batches(feeds, batch, dynamic_batch(original))
-    check = [feed for feed, ids in check if ids[0] < samples]
+    check = [feed for feed, _ in feed_batches(held_feeds, batch, dynamic_batch(original))]
     session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
     reference = [session.run(None, feed) for feed in check]
     working = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
@@ -588,6 +591,31 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
                   + ", ".join(f"{k}/{group.size} -> {d:.4g}" for k, d in zip(targets, damage[1:])),
                   file=sys.stderr, flush=True)
     return curves
+
+
+def split_by_source(feeds: list[dict], sources=None, held: int = 64, folds: int = FOLDS
+                    ) -> tuple[list[dict], list[dict]]:
+    """(fit feeds, held-out feeds): the held-out side is the last source fold (`runtime.calibration.source_folds`:
+    whole sources, or a contiguous block without them), cut to about `held` samples; never empty on either side."""
+    from onnx_prune.runtime.calibration import sample_count, source_folds
+
+    counts = [sample_count(f) for f in feeds]
+    if len(feeds) < 2:
+        raise ValueError("measuring damage needs at least 2 calibration feeds (to fit and to check)")
+    firsts = np.cumsum([0] + counts[:-1])
+    fold_of = source_folds(sources, int(sum(counts)), min(folds, len(feeds)))[firsts]
+    last = int(fold_of.max())
+    held_ids = [i for i in range(len(feeds)) if fold_of[i] == last]
+    taken, chosen = 0, []
+    for i in held_ids:
+        if taken >= held:
+            break
+        chosen.append(i)
+        taken += counts[i]
+    if len(chosen) == len(feeds):
+        chosen = chosen[-1:]
+    chosen_set = set(chosen)
+    return [f for i, f in enumerate(feeds) if i not in chosen_set], [feeds[i] for i in chosen]
 
 
 def damage_scores(curves: dict[int, DamageCurve], analysis, cost_model, kind: str = "macs") -> dict[int, np.ndarray]:
@@ -661,8 +689,9 @@ def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=N
             cost_model = CostModel.of(prepared.model, analysis, {n: c.macs for n, c in cost.per_node.items()})
         if allocation == "damage":
             if curves is None:  # (curves do not depend on the target: a caller may measure them once)
-                curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, positions=positions,
-                                       batch=batch, seed=seed, select_ridge=select_ridge, quiet=quiet)
+                curves = damage_curves(prepared, feeds, group_ids, ratios, damage_samples, sources=sources,
+                                       positions=positions, batch=batch, seed=seed, select_ridge=select_ridge,
+                                       quiet=quiet)
             counts = damage_counts(prepared, curves, group_ids, target, cost_model, round_to, max_ratio,
                                    make_allocator)
             details["damage_curves"] = {str(g): c.to_dict() for g, c in curves.items()}

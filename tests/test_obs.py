@@ -324,14 +324,14 @@ def test_damage_curves_rise_with_the_share_removed_and_start_at_zero():
     from onnx_prune.pipeline import prepare
 
     prepared = prepare(fixture_path("concat"))
-    feeds = feeds_for(prepared.model, seed=1, batch=1, samples=16)
+    feeds = feeds_for(prepared.model, seed=1, batch=1, samples=48)
     groups = [g.id for g in prepared.analysis.prunable_groups]
-    curves = damage_curves(prepared, feeds, groups, ratios=(0.25, 0.5, 0.75), samples=8, quiet=True)
+    curves = damage_curves(prepared, feeds, groups, ratios=(0.25, 0.5, 0.75), samples=12, quiet=True)
     assert set(curves) <= set(groups) and curves
     for curve in curves.values():
         assert curve.removed[0] == 0 and curve.damage[0] == 0.0
         assert all(d >= 0 for d in curve.damage) and curve.damage[-1] > 0
-        assert curve.damage[-1] >= curve.damage[1]
+        assert curve.damage[-1] > curve.damage[1]  # measured on held-out samples: not monotone by construction
 
 
 def test_obs_prune_reaches_the_target_with_a_valid_model_closer_to_the_original_than_data_free_pruning():
@@ -374,3 +374,16 @@ def test_a_progressive_schedule_reaches_its_last_target_in_steps():
     reached = count_cost(model).macs / count_cost(prepared.model).macs
     assert reached == pytest.approx(0.6, abs=0.03) and steps[-1]["reached"] == pytest.approx(reached)
     assert steps[0]["reached"] > steps[1]["reached"]
+
+
+def test_damage_is_measured_on_sources_the_grams_never_saw():
+    from onnx_prune.passes.obs import split_by_source
+
+    feeds = [{"x": np.full((1, 2), float(i))} for i in range(20)]
+    sources = np.arange(20) % 5  # five photos, their crops interleaved
+    fit, held = split_by_source(feeds, sources, held=64)
+    held_sources = {int(sources[int(f["x"][0, 0])]) for f in held}
+    fit_sources = {int(sources[int(f["x"][0, 0])]) for f in fit}
+    assert held and fit and not held_sources & fit_sources and len(fit) + len(held) == 20
+    fit, held = split_by_source(feeds, None, held=3)  # no sources: a contiguous block at the end, cut to 3
+    assert [int(f["x"][0, 0]) for f in held] == [15, 16, 17] and len(fit) == 17

@@ -74,8 +74,9 @@ def _check_repair(prepared, plan, reduced, calib, test, **options):
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, **options)
     onnx.checker.check_model(repaired, full_check=True)
     assert report.layers and not report.skipped
-    for layer in report.layers:  # every refitted layer is closer to the original on held-out feeds
-        assert layer.applied and layer.error_after < layer.error_before, layer
+    assert any(layer.applied for layer in report.layers)
+    for layer in report.layers:  # a layer changes only where held-out sources say it gets closer
+        assert layer.applied == (layer.error_after < layer.error_before), layer
     original = run(prepared.model, test)
     assert relative_error(original, run(repaired, test)) < 0.5 * relative_error(original, run(reduced, test))
     return repaired, report
@@ -165,22 +166,19 @@ def test_the_written_weights_are_the_fitted_ones():
 
 
 def test_a_refit_that_does_not_generalise_is_refused():
-    """flatten_gemm: the Gemm reads 16 columns per kept channel (33 features) from 48 samples, so refitting its
-    weights overfits even with some ridge; cross-validation says so: only the bias is refitted (compensation
-    by measured means), the weights stay."""
+    """flatten_gemm: the Gemm reads 16 columns per kept channel (33 features) from 48 samples, so an
+    unregularised refit of its weights overfits; cross-validation over held-out samples picks a strong
+    shrinkage toward the old weights (or bias-only compensation), never the least-squares fit."""
     prepared = prepare(fixture_path("flatten_gemm"))
     plan, reduced = _pruned(prepared)
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
     [layer] = report.layers
     assert (layer.features, layer.rows, report.samples, report.folds) == (33, 48, 48, 4)
-    assert np.isinf(layer.ridge) and layer.applied
-    assert layer.error_after == layer.error_compensation < layer.error_before
-    before = {t.name: numpy_helper.to_array(t) for t in reduced.graph.initializer}
-    after = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
-    node = next(n for n in reduced.graph.node if n.op_type == "Gemm")
-    changed = sorted(name for name in before if not np.array_equal(before[name], after[name]))
-    assert changed == [node.input[2]]
+    assert layer.ridge >= 1.0 and layer.applied
+    assert layer.error_after <= layer.error_compensation < layer.error_before
+    free, _ = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
+    assert free.SerializeToString() == repaired.SerializeToString()  # deterministic
 
 
 def test_held_out_folds_follow_the_sources():
