@@ -436,6 +436,9 @@ def _bn_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
     return score if found else None
 
 
+TRUSTED_VARIANCE = ("bn", "measured", "constant")  # statistics sources whose variances rank channels
+
+
 def variance_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
     """bnvar: the damage of removing channel c once its consumers read its mean instead (compensation),
 
@@ -456,7 +459,13 @@ def variance_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
     score = np.zeros(group.size)
     for consumer in filter_sets(group, scoring.weights, ("consumer",)):
         read = stats.reads.get(consumer.node)
-        var = read.var if read is not None else stats.var
+        var, source = (read.var, read.source) if read is not None else (stats.var, stats.source)
+        deterministic = read.deterministic if read is not None else stats.deterministic
+        if source not in TRUSTED_VARIANCE:
+            # estimated without BatchNorm or data (a BN-fused export): such variances do not rank channels
+            # (correlation -0.54..+0.50 with the BatchNorm ones on MobileNetV2, benchmarks/results/
+            # datafree_experiments.md), so every varying channel counts 1 and the consumer weights decide
+            var = np.where(deterministic, 0.0, 1.0)
         var = np.where(np.isfinite(var), var, 0.0)  # NaN: this consumer does not read the channel
         energy = (consumer.rows[:, :-1] ** 2).sum(axis=1)  # ||W_k[:, position]||^2 (no bias column)
         np.add.at(score, consumer.channels, energy * var[consumer.channels])

@@ -55,10 +55,10 @@ class MethodInput:
     @property
     def synthetic_statistics(self) -> bool:
         """Measure channel statistics on synthetic 1/f-noise inputs where neither BatchNorm nor --calib gives
-        them: when the criterion needs variances (bnvar, a blend pool) or the user asks (--synthetic-statistics).
-        Measured on the pretrained and Fashion-MNIST nets, compensating with synthetic means hurt as often as it
-        helped, so by default compensation uses BatchNorm or calibration means only."""
-        return self.opts.synthetic_statistics or self.opts.criterion in ("bnvar", "blend")
+        them, only when the user asks (--synthetic-statistics): on the pretrained and Fashion-MNIST nets their
+        means hurt compensation as often as they helped, and bnvar ranks by weights where variances are not
+        trusted, so by default the model is never run for statistics."""
+        return self.opts.synthetic_statistics
 
     @cached_property
     def calibration(self) -> list[dict] | None:
