@@ -559,6 +559,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired
         report.details["repair"] = repair_report.to_dict()
+    if recipe.prepared.source != "<ModelProto>":
+        io.remember_source(pruned, recipe.prepared.source)  # save(pruned, that file) is then refused
     return pruned, report
 
 

@@ -98,6 +98,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
         onnx.checker.check_model(model)
     except Exception as err:  # ValidationError, or a C++ error for malformed data
         raise PruneError(f"{path} is not a valid ONNX model: {_first_line(err, 'check failed')}") from None
+    remember_source(model, path)
     return LoadedModel(model, path, external)
 
 
@@ -355,15 +356,33 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - HEADROOM
 
 
+_SOURCES: dict[int, str] = {}  # id(model) -> the file it was loaded or pruned from (models take no weakrefs)
+_SOURCES_KEPT = 256
+
+
+def remember_source(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Note that `model` came from `path`, so that `save(model, path)` refuses it without being told."""
+    _SOURCES[id(model)] = str(path)
+    while len(_SOURCES) > _SOURCES_KEPT:
+        _SOURCES.pop(next(iter(_SOURCES)))
+
+
+def source_of(model: onnx.ModelProto) -> str | None:
+    """The file `model` was loaded or pruned from in this process, if known.  (An id may outlive its model
+    and be reused: then a save to that same file is refused, which errs on the side of the user's input.)"""
+    return _SOURCES.get(id(model))
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
          external_data: bool = False) -> Path:
-    """Write `model` atomically; never write a file `input_path` reads (see the module docstring).
+    """Write `model` atomically; never write a file `input_path` reads (see the module docstring).  Without
+    `input_path`, the file the model was loaded or pruned from in this process is protected the same way.
 
     External data (one `<name>.data` file beside the model) is written when asked or when the model
     would not fit in one 2 GB protobuf.
     """
     path = Path(path)
-    check_output_paths(input_path, path)
+    check_output_paths(input_path if input_path is not None else source_of(model), path)
     external = external_data or needs_external_data(model)
     folder = path.parent
     sweep_stale_staging(folder)
