@@ -806,10 +806,14 @@ def _command(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (see the module doc)."""
+    from onnx_prune.errors import SPELLING
+
     previous = install_signal_handlers()
+    spelling = SPELLING.set("cli")  # errors name options as flags here, as keywords for Python callers
     try:
         return _main(argv)
     finally:
+        SPELLING.reset(spelling)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -12,6 +12,13 @@
 Anything else escaping is a bug too (exit 3); `BUG_REPORT` says what to send.
 """
 
+import contextvars
+import functools
+import re
+
+# Who is calling: the CLI names options as flags (--target-macs), the Python API as keywords (target_macs).
+SPELLING = contextvars.ContextVar("onnx_prune_spelling", default="api")
+
 BUG_REPORT = ("this is a bug in onnx-prune: please report it with the command line, the output of "
               "`onnx-prune analyze --json IN` and, if you can share it, the model")
 
@@ -41,3 +48,26 @@ class InvalidResultError(RuntimeError):
 def exit_status(error: BaseException) -> int:
     """The CLI exit status for an exception: 1 user error, 2 usage error, 3 a bug of ours."""
     return getattr(error, "exit_status", 3) if isinstance(error, (PruneError, InvalidResultError)) else 3
+
+
+def api_spelling(message: str, keywords) -> str:
+    """`message` with every --flag that names one of `keywords` written as that keyword."""
+    def keyword(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return name if name in keywords else match.group(0)
+    return re.sub(r"--([a-z][a-z0-9-]*)", keyword, message)
+
+
+def spelled_for_caller(keywords):
+    """Decorator for API entry points: PruneErrors name options the way the caller spelled them."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except PruneError as error:
+                if SPELLING.get() == "api" and error.args and isinstance(error.args[0], str):
+                    error.args = (api_spelling(error.args[0], keywords),) + error.args[1:]
+                raise
+        return wrapper
+    return decorate

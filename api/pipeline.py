@@ -14,8 +14,10 @@ from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
 from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES
-from onnx_prune.errors import PruneError
+from onnx_prune.errors import PruneError, spelled_for_caller
 from onnx_prune.options import PruneOptions
+
+API_ERRORS = spelled_for_caller(set(PruneOptions.__dataclass_fields__))
 from onnx_prune.passes.constraints import Constraints, Target
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
@@ -412,6 +414,7 @@ def build_plan(prepared: Prepared, opts: PruneOptions, cost: Cost | None = None)
     return method_plan(prepared, opts, cost)[0]
 
 
+@API_ERRORS
 def make_plan(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
               ) -> tuple[Plan, Prepared]:
     """The Plan `prune` would apply (and the prepared model it refers to), to review or edit."""
@@ -431,6 +434,7 @@ def _plan_recipe(model, opts: PruneOptions) -> Recipe:
     return build_recipe(model, opts)
 
 
+@API_ERRORS
 def plan_file(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs) -> str:
     """The plan `prune` would apply, as JSON to review, edit, and re-apply with `apply_plan`."""
     return recipe_to_json(_plan_recipe(model, _options(options, kwargs)))
@@ -453,6 +457,7 @@ def plan_to_json(plan: Plan, prepared: Prepared) -> str:
     return recipe_to_json(Recipe("prune", PruneOptions(), plan, prepared, None, {}))
 
 
+@API_ERRORS
 def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.ModelProto, PruneReport]:
     """Apply a reviewed (possibly edited) plan written by `plan_file`: the recorded method's passes run again
     (deterministic), then the plan, so an unedited plan gives the same bytes as `prune`."""
@@ -533,6 +538,7 @@ def _target_record(target: Target, before: Cost | None, after: Cost | None, summ
     return record
 
 
+@API_ERRORS
 def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **kwargs
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove (or merge) the least important channels of every prunable group.

@@ -81,7 +81,7 @@ def test_comparable_scores_rank_across_groups_as_they_are():
 @pytest.mark.parametrize("kwargs, words", [
     (dict(ratio=0.3, target_macs=0.5), "give one target"),
     (dict(target_macs=1.5), "fraction to keep"),
-    (dict(max_ratio=0.0), "--max-ratio"),
+    (dict(max_ratio=0.0), "^max_ratio"),  # named as the API caller spelled it
     (dict(criterion="apoz"), "needs calibration data"),
     (dict(aggregate="sum"), "unknown aggregation"),
 ])

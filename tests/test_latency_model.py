@@ -386,7 +386,7 @@ def test_prune_with_a_latency_target_uses_a_given_table(tmp_path, monkeypatch):
     assert report.options["round_to"] == 1  # the option as given; the constraint resolved it to auto
     with pytest.raises(PruneError, match="give one target"):
         onnx_prune.prune(model, target_latency=0.6, target_macs=0.5)
-    with pytest.raises(PruneError, match="--target-latency is the fraction to keep"):
+    with pytest.raises(PruneError, match="target_latency is the fraction to keep"):
         onnx_prune.prune(model, target_latency=1.5)
 
 
