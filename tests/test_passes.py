@@ -289,14 +289,16 @@ def test_hash_ensures_no_layer_gains_distinct_values():
         NoisyHash(bandwidth=0.05)(model)
 
 
-def test_digest_past_the_protobuf_limit_covers_every_weight(monkeypatch):
+def test_digest_covers_every_weight_and_the_graph(monkeypatch):
     import onnx_prune.passes.base as base
 
     model = conv_bn_model()
-    small = base.model_digest(model)
-    monkeypatch.setattr(base, "PROTO_LIMIT_BYTES", 16)  # take the large-model path on a small model
-    large = base.model_digest(model)
-    assert large != small and large == base.model_digest(copy_model(model))
+    large = base.model_digest(model)  # one path for every size: weights are fingerprinted one by one
+    assert large == base.model_digest(copy_model(model))
+    renamed = copy_model(model)
+    renamed.graph.node[0].name += "_x"
+    assert base.model_digest(renamed) != large
+    monkeypatch.setattr(base, "PROTO_LIMIT_BYTES", 16)  # checks past protobuf's limit go through a file
     changed = copy_model(model)
     changed.graph.initializer[0].CopyFrom(_tensor("w", numpy_helper.to_array(changed.graph.initializer[0]) + 1))
     assert base.model_digest(changed) != large
