@@ -359,6 +359,21 @@ class GroupSelection:
         return {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in self.__dict__.items()}
 
 
+def _selection_layer(view, moments: FoldMoments, working: dict[str, np.ndarray], select_ridge: float):
+    """(ObsLayer, the moments it used, the original weights) for one consumer: its original weights fitted on `moments` (without the
+    bias column where the layer has no bias).  Selection uses a small fixed damping (as SparseGPT's 1% of the
+    mean diagonal): the ridge cross-validation would pick for the unpruned fit says nothing about which channels
+    can go."""
+    from onnx_prune.runtime.calibration import Layer
+
+    if Layer(view.node).fits_bias and not view.has_bias:
+        moments = restrict(moments, np.arange(moments.gram.shape[1] - 1))
+    theta0 = _theta_original_outputs(view, working)
+    gram, cross, _, _ = moments.total()
+    lam = select_ridge * ridge_unit(gram, penalty(len(theta0), moments.bias))
+    return ObsLayer.fitted(gram, cross, theta0, lam, moments.bias, view.blocks, _output_energy(moments)), moments, theta0
+
+
 def _output_energy(moments: FoldMoments) -> float:
     """Centred energy of the target over all rows (what a following BatchNorm would see), summed over outputs."""
     gram, cross, yy, n = moments.total()
@@ -416,15 +431,8 @@ def obs_plan(prepared, counts: dict[int, int], feeds: list[dict], sources=None, 
                                     target=original, folds=folds, positions=positions, seed=seed,
                                     progress=progress)
             for view, moments in zip(views, found):
-                if Layer(view.node).fits_bias and not view.has_bias:
-                    moments = restrict(moments, np.arange(moments.gram.shape[1] - 1))
-                theta0 = _theta_original_outputs(view, working)
-                gram, cross, _, _ = moments.total()
-                # selection uses a small fixed damping (as SparseGPT's 1% of the mean diagonal): the ridge that
-                # cross-validation would pick for the unpruned fit says nothing about which channels can go
-                lam = select_ridge * ridge_unit(gram, penalty(len(theta0), moments.bias))
-                layers.append(ObsLayer.fitted(gram, cross, theta0, lam, moments.bias, view.blocks,
-                                              _output_energy(moments)))
+                layer, moments, theta0 = _selection_layer(view, moments, working, select_ridge)
+                layers.append(layer)
                 effective[view.node.name] = moments.effective_samples()
                 moments_of.append((view, moments, theta0))
         fallback = ""
@@ -559,14 +567,7 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
             continue
         layers, thetas = [], []
         for view in views[gid]:
-            moments = moments_of[view.node.name]
-            if Layer(view.node).fits_bias and not view.has_bias:
-                moments = restrict(moments, np.arange(moments.gram.shape[1] - 1))
-            theta0 = _theta_original_outputs(view, working)
-            gram, cross, _, _ = moments.total()
-            lam = select_ridge * ridge_unit(gram, penalty(len(theta0), moments.bias))
-            layers.append(ObsLayer.fitted(gram, cross, theta0, lam, moments.bias, view.blocks,
-                                          _output_energy(moments)))
+            layers.append(_selection_layer(view, moments_of[view.node.name], working, select_ridge)[0])
         damage, removed_so_far = [0.0], []
         for target in targets:
             result = greedy_obs(layers, [c for c in free if c not in removed_so_far], target - len(removed_so_far))

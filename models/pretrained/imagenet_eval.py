@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from photo_split import resize_bilinear  # one resampler for both evaluation sets (this folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 EVAL_PATH = HERE / "imagenet_eval.npz"
 SIZE = 224
@@ -30,20 +32,6 @@ def normalize(images_nhwc: np.ndarray) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` RGB → float32 ``[N, 3, H, W]`` with ImageNet mean/std."""
     x = images_nhwc.astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray(((x - MEAN) / STD).transpose(0, 3, 1, 2))
-
-
-def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize HWC uint8 ``image`` to ``size`` x ``size`` (bilinear, half-pixel centres), as uint8."""
-    def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.clip((np.arange(size) + 0.5) * (n_in / size) - 0.5, 0, n_in - 1)
-        lo = np.floor(pos).astype(np.int64)
-        return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
-
-    (y0, y1, wy), (x0, x1, wx) = taps(image.shape[0]), taps(image.shape[1])
-    img = image.astype(np.float32)
-    rows = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
-    out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def crops(data: "np.lib.npyio.NpzFile") -> np.ndarray:
