@@ -14,6 +14,7 @@ Adding a method is adding a class here (or in its own module) and one entry in `
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -121,7 +122,7 @@ class MethodInput:
         return self._latency
 
 
-class Method:
+class Method(ABC):
     """Base of every method.  Subclasses set `name`, `summary` and implement `build`."""
     name = ""
     summary = ""
@@ -148,8 +149,9 @@ class Method:
                 raise PruneError(f"--method {self.name} cannot honour {_flag(name, constraints)}: "
                                  f"{self.refuses[name]}")
 
+    @abstractmethod
     def build(self, given: MethodInput) -> tuple[Plan, dict]:
-        raise NotImplementedError(f"method {self.name} has no build")  # pragma: no cover - abstract
+        """The Plan for `given` and the details the report shows."""
 
 
 def _flag(name: str, constraints: Constraints) -> str:

@@ -46,6 +46,7 @@ import onnx_prune
 from onnx_prune.pipeline import make_plan
 from onnx_prune.runtime.bench import benchmark, compare_latency
 from onnx_prune.runtime.sessions import CPU, CUDA, available_providers, runtime_versions
+from onnx_prune.runtime.latency_model import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ZOO = REPO / "models" / "zoo"
@@ -143,14 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpu_name() or "unknown CPU"
 
 
 def gpu_name() -> str | None:
