@@ -1,8 +1,8 @@
 """Entry point of the `onnx-prune` command: signal handlers first, then the (slow) imports.
 
-A separate top-level module because importing anything inside the `onnx_prune` package first imports the
-package (onnx, onnxruntime, numpy, scipy: about a second); a Ctrl-C or SIGTERM in that second must end the
-command with one line, not a traceback.
+The package's `__init__` imports nothing heavy (its public names load on first use), so this module starts
+at once; the CLI's imports (onnx, onnxruntime, numpy, scipy: about a second) come after the handlers, and a
+Ctrl-C or SIGTERM in that second ends the command with one line, not a traceback.
 """
 import signal
 import sys

@@ -29,7 +29,7 @@ ACCURACY = json.loads((ROOT / "models" / "trained" / "accuracy.json").read_text(
 
 def cli(*args, cwd=None, timeout=600):
     """Run `onnx-prune ARGS` through the installed entry point; (status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "onnx_prune_main", *map(str, args)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "onnx_prune.entry", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout)
     return done.returncode, done.stdout, done.stderr
 
@@ -300,7 +300,7 @@ def test_report_may_not_be_the_inputs_external_data(tmp_path):
 
 def test_sigterm_while_working_cleans_up_and_exits_143(tmp_path):
     out = tmp_path / "o.onnx"
-    process = subprocess.Popen([sys.executable, "-m", "onnx_prune_main", str(RESNET20), str(out), "--criterion",
+    process = subprocess.Popen([sys.executable, "-m", "onnx_prune.entry", str(RESNET20), str(out), "--criterion",
                                 "blend", "--generations", "200", "--population", "20", "--target-macs", "0.5"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -328,7 +328,7 @@ def _catches(pid: int, signum: int) -> bool:
 
 
 def test_sigint_during_imports_is_one_line():
-    process = subprocess.Popen([sys.executable, "-m", "onnx_prune_main", str(RESNET20), "x.onnx"],
+    process = subprocess.Popen([sys.executable, "-m", "onnx_prune.entry", str(RESNET20), "x.onnx"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # wait until the entry point catches SIGTERM (its first act), then interrupt the package imports that follow
     deadline = time.time() + 60
