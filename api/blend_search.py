@@ -377,7 +377,9 @@ def blend_plan(prepared, opts, group_ids: list[int] | None = None, *, pool: tupl
     start = time.perf_counter()
     analysis = prepared.analysis
     group_ids = prunable_ids(prepared) if group_ids is None else list(group_ids)
-    target = opts.target()
+    from onnx_prune.pipeline import constraints_of
+
+    target = constraints_of(opts).target
     cost = _cost_model(prepared)
     if calib_inputs is None and getattr(opts, "calib", None):
         try:

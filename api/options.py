@@ -133,15 +133,6 @@ class PruneOptions:
     color: str | None = option(None, "channel order the model wants (default: GRAY for 1 channel, else RGB)",
                                group=DATA, choices=["RGB", "BGR", "GRAY"])
 
-    def target(self):
-        from onnx_prune.passes.allocate import Target
-
-        if self.target_latency is not None:
-            return Target(latency=self.target_latency)
-        if self.target_macs is None and self.target_params is None:
-            return Target(ratio=0.3 if self.ratio is None else self.ratio)
-        return Target(macs=self.target_macs, params=self.target_params)
-
     @classmethod
     def defaults(cls) -> dict:
         return {f.name: getattr(cls(), f.name) for f in fields(cls)}

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx_prune.passes.base import Pass, PassResult, copy_model
 from onnx_prune.passes.merge import identical_rows
 from onnx_prune.runtime.bench import benchmark
-from onnx_prune.runtime.cost import infer_shapes
+from onnx_prune.runtime.cost import concrete_shapes
 
 SPATIAL_ATTRIBUTES = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
 
@@ -147,7 +147,7 @@ class SeparateDepthwisePass(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         try:
-            shapes = infer_shapes(model)
+            shapes = concrete_shapes(model)
         except ValueError:
             shapes = {}
         graph = gs.import_onnx(copy_model(model))

@@ -47,10 +47,11 @@ class Cost:
         return asdict(self)
 
 
-def infer_shapes(
+def concrete_shapes(
     model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1
 ) -> dict[str, tuple[int | str | None, ...]]:
-    """Shape of every tensor static inference can determine, with dynamic input dims fixed.
+    """Shape of every tensor static inference can determine, with dynamic input dims fixed (the concrete sizes
+    MACs need; `runtime.shapes.infer_shapes` keeps symbolic dims, for the analysis).
 
     A dynamic leading input dim becomes `batch`; other dynamic dims come from
     `input_shapes` (input name -> full shape); a missing one raises ValueError naming it.
@@ -172,13 +173,13 @@ def count_cost(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     Conv/ConvTranspose MACs = (output resp. input elements) * prod(W.shape[1:]) -- this
     covers grouped and depthwise convs; Gemm = M*K*N honouring transA/transB; MatMul =
     broadcast batch * M*K*N. Params = elements of float initializers and Constant tensors
-    that some node reads. Dynamic dims: see `infer_shapes`.  Shapes come from static inference
+    that some node reads. Dynamic dims: see `concrete_shapes`.  Shapes come from static inference
     with shape computations folded; `measure=True` also runs the model once for sizes still
     missing (bounded in memory, in a child process).  A shape still unknown raises ValueError,
     or with `partial=True` counts that node as 0 and names it in `Cost.unknown`.
     """
     try:
-        shapes = infer_shapes(model, input_shapes, batch)
+        shapes = concrete_shapes(model, input_shapes, batch)
     except ValueError:
         if not partial:
             raise

@@ -693,12 +693,12 @@ def measure_table(model: onnx.ModelProto, analysis, provider: str = "cpu", threa
     """Time every layer a prunable group changes, at the widths `widths_to_measure` picks, and calibrate on
     the whole model (as it is and with every group at `calibration_share`).  Returns the table (JSON-able).
     `analysis` must be built from this very model (the prepared, normalised one)."""
-    from .cost import infer_shapes
+    from .cost import concrete_shapes
 
     provider = provider_name(provider)
     start = time.perf_counter()
     prunable = set(groups) if groups is not None else {g.id for g in analysis.prunable_groups}
-    dims = infer_shapes(model, shapes, batch)
+    dims = concrete_shapes(model, shapes, batch)
     opset = max(11, next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13))
     timer = _Timer(provider, threads, repeat, opset)
     nodes = {}

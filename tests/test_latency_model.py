@@ -293,10 +293,10 @@ def plain_cnn(widths=(64, 96, 128), residual=True, size=8):
 def synthetic_table_for(prepared, original_ms=10.0):
     """A table shaped like a measured one for this model, with kernel times that follow MACs and are slower at
     misaligned widths (synthetic_ms), calibrated so that the whole model takes `original_ms`."""
-    from onnx_prune.runtime.cost import infer_shapes
+    from onnx_prune.runtime.cost import concrete_shapes
 
     prunable = {g.id for g in prepared.analysis.prunable_groups}
-    dims = infer_shapes(prepared.model, None, 1)
+    dims = concrete_shapes(prepared.model, None, 1)
     nodes = {}
     for name, spec in lm._layer_specs(prepared.model, dims).items():
         out_terms = lm._width_terms(prepared.analysis, spec.node.output[0], prunable)
