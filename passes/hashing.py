@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from scipy.ndimage import gaussian_filter1d
 
+from onnx_prune.analysis.layers import weight_axes
 from onnx_prune.passes.base import Pass, PassResult, PostconditionError, copy_model
 
 DEFAULT_BANDWIDTH = 0.005  # benchmarks/red_bandwidth.py: the largest with >= 99 % top-1 agreement
@@ -121,12 +122,9 @@ def hash_values(values: np.ndarray, bandwidth: float) -> np.ndarray:
     return hash_rows(values.reshape(1, -1), bandwidth).reshape(values.shape)
 
 
-def output_axis(node: onnx.NodeProto) -> int:
+def output_axis(node: onnx.NodeProto, ndim: int = 2) -> int:
     """The axis of a node's weight that indexes output neurons."""
-    if node.op_type == "Gemm":
-        trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return 1 if node.op_type == "MatMul" else 0
+    return weight_axes(node, ndim)[0]
 
 
 @dataclass
@@ -159,7 +157,8 @@ class HashWeightsPass(Pass):
         for node in model.graph.node:
             if node.op_type not in HASHED_OPS or len(node.input) < 2:
                 continue
-            targets = [(node.input[1], output_axis(node))]
+            weight_rank = len(inits[node.input[1]].dims) if node.input[1] in inits else 2
+            targets = [(node.input[1], output_axis(node, weight_rank))]
             if self.biases and len(node.input) > 2 and node.op_type != "MatMul":
                 targets.append((node.input[2], None))
             for name, axis in targets:

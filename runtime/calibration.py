@@ -222,11 +222,9 @@ class Layer:
 
 
 def _in_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 0
-    return weight.ndim - 2
+    from onnx_prune.analysis.layers import weight_axes
+
+    return weight_axes(node, weight.ndim)[1]
 
 
 
