@@ -44,6 +44,8 @@ import onnx
 from onnx import helper, numpy_helper
 from scipy.special import erf, ndtr
 
+from onnx_prune.analysis.layers import weight_axes
+
 POINTS = 40  # Gauss-Hermite nodes, for the smooth activations (exact to ~1e-6 at unit-scale inputs)
 DENSE_POINTS = 1201  # Simpson nodes on [-DENSE_RANGE, DENSE_RANGE] standard deviations, for kinked functions
 DENSE_RANGE = 12.0
@@ -496,7 +498,7 @@ def _linear(g: _Graph, node, value: Carried | None, n: int) -> Carried:
         rows = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
         b = bias.reshape(-1) if bias is not None else np.zeros(weight.shape[1])
     elif op == "Gemm":
-        rows = weight if _attr(node, "transB", 0) else weight.T
+        rows = np.moveaxis(weight, weight_axes(node, 2)[0], 0)
         beta = _attr(node, "beta", 1.0)
         b = beta * np.broadcast_to(bias, (1, rows.shape[0])).reshape(-1) if bias is not None \
             else np.zeros(rows.shape[0])

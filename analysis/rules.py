@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from onnx_prune.analysis.channels import Context, CountConstraint, Elem, subgraph_reads
+from onnx_prune.analysis.layers import weight_axes
 from onnx_prune.runtime.shapes import EVALUATED as FOLDABLE, FOLD_LIMIT, evaluate
 
 INT64_MAX = 2**63 - 1
@@ -324,16 +325,16 @@ def gemm(ctx: Context, node: onnx.NodeProto) -> None:
     if not ctx.is_const(b) or attr(node, "transA", 0) or (bias and not ctx.is_const(bias)):
         block(ctx, node, "has a weight that is not constant or a transposed input")
         return
-    trans_b = attr(node, "transB", 0)
+    out_axis, in_axis = weight_axes(node, 2)
     lay = ctx.layout(a)
     if lay is not None:
         if lay.axis != 1:
             block(ctx, node, "reads channels on its batch axis")
             return
-        ctx.member("consumer", node, 1, 1 if trans_b else 0, lay.ids)
-    n_out = ctx.dims(b)[0 if trans_b else 1]
+        ctx.member("consumer", node, 1, in_axis, lay.ids)
+    n_out = ctx.dims(b)[out_axis]
     out = ctx.fresh(n_out)
-    ctx.member("producer", node, 1, 0 if trans_b else 1, out)
+    ctx.member("producer", node, 1, out_axis, out)
     if bias:
         bias_dims = ctx.dims(bias)
         if bias_dims and bias_dims[-1] == n_out and all(d == 1 for d in bias_dims[:-1]):

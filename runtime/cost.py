@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from onnx_prune.analysis.layers import weight_axes
+
 from .sessions import input_specs, resolve_input_shapes
 from .shapes import measure_shapes, static_shapes
 
@@ -121,7 +123,7 @@ def _conv_transpose_macs(node, shape_of) -> int:
 def _gemm_macs(node, shape_of) -> int:
     a, b = shape_of(node.input[0]), shape_of(node.input[1])
     m, k = (a[1], a[0]) if _int_attribute(node, "transA", 0) else (a[0], a[1])
-    n = b[0] if _int_attribute(node, "transB", 0) else b[1]
+    n = b[weight_axes(node, 2)[0]]
     return m * k * n
 
 
