@@ -22,6 +22,7 @@ import hashlib
 import os
 import tempfile
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,7 +144,7 @@ def output_difference(before: onnx.ModelProto, after: onnx.ModelProto, seed: int
     return worst
 
 
-class Pass:
+class Pass(ABC):
     """Base class: subclasses implement `call`, and refine `requires` / `ensures` (calling super's)."""
 
     preserves_function: bool = False     # ensures: equal outputs on one seeded input
@@ -159,8 +160,9 @@ class Pass:
         if not isinstance(model, onnx.ModelProto) or not model.HasField("graph"):
             raise PreconditionError(f"{self.name} needs an onnx.ModelProto with a graph")
 
-    def call(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        """The pass's work on `model` (never mutated): the new model, whether it changed, and details."""
 
     def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
         """Raise PostconditionError where `result` breaks a promise (see the module docstring)."""
