@@ -234,10 +234,9 @@ AGGREGATIONS = ("first", "domino-o", "domino-io", "mean", "max")
 
 def batchnorm_after(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """Conv/Gemm/MatMul node name -> the BatchNormalization that alone reads its output."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    from onnx_prune.analysis.layers import readers_of
+
+    readers = readers_of(model)
     outputs = {o.name for o in model.graph.output}
     found = {}
     for node in model.graph.node:

@@ -16,3 +16,12 @@ def weight_axes(node: onnx.NodeProto, ndim: int) -> tuple[int, int]:
     if node.op_type == "ConvTranspose":  # (C_in, C_out / group, k...)
         return 1, 0
     return 0, 1  # Conv: (C_out, C_in / group, k...)
+
+
+def readers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers

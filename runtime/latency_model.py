@@ -629,10 +629,9 @@ class _Timer:
 
 def _layer_specs(model: onnx.ModelProto, dims: dict) -> dict[str, _LayerSpec]:
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    from onnx_prune.analysis.layers import readers_of
+
+    readers = readers_of(model)
     graph_outputs = {o.name for o in model.graph.output}
     specs = {}
     for node in model.graph.node:

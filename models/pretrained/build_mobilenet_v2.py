@@ -38,6 +38,7 @@ from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imagenet_eval  # noqa: E402 - sibling module
+from build_photos import crop_box  # noqa: E402 - one RandomResizedCrop rule for both evaluation sets
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -58,7 +59,6 @@ MAX_ONNX_ERROR = 1e-3  # max |onnx - torch| logit difference, relative to max |t
 RESIZE = 256  # torchvision's ImageNet evaluation: resize the short side to 256, centre-crop 224
 SEED = 0
 CROPS = 300
-CROP_SCALE, CROP_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)
 
 
 def fetch_wheel(name: str, version: str) -> Path:
@@ -142,19 +142,6 @@ def natural_photos() -> dict[str, np.ndarray]:
     photos.update({Path(f).stem: image for f, image in zip(samples.filenames, samples.images)})
     return {name: np.asarray(TF.resize(Image.fromarray(image), RESIZE), dtype=np.uint8)
             for name, image in photos.items()}
-
-
-def crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-    """A random resized crop (torchvision's RandomResizedCrop rule): top, left, height, width."""
-    area = height * width
-    for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
-        ratio = np.exp(rng.uniform(np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])))
-        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
 
 
 def build_eval_set(path: Path = imagenet_eval.EVAL_PATH) -> None:
