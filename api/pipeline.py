@@ -459,11 +459,6 @@ def recipe_to_json(recipe: Recipe) -> str:
                        "groups": groups}, indent=1)
 
 
-def plan_to_json(plan: Plan, prepared: Prepared) -> str:
-    """A bare plan (plain `prune` method) for a prepared model, as `apply_plan` reads it."""
-    return recipe_to_json(Recipe("prune", PruneOptions(), plan, prepared, None, {}))
-
-
 @API_ERRORS
 def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.ModelProto, PruneReport]:
     """Apply a reviewed (possibly edited) plan written by `plan_file`: the recorded method's passes run again
