@@ -566,7 +566,7 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
         except ValueError as err:  # e.g. too few calibration samples to fit and hold out
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired
-        report.details["repair"] = repair_report.to_dict()
+        report.details["repair"] = repair_report  # the pass's details: plain data
     if recipe.prepared.source != "<ModelProto>":
         io.remember_source(pruned, recipe.prepared.source)  # save(pruned, that file) is then refused
     return pruned, report

@@ -127,9 +127,9 @@ def main(argv=None) -> int:
                 repaired, report = repair(prepared.model, reduced, feeds, prepared.analysis, plan,
                                           ridge=args.ridge, rows=args.rows)
                 seconds += time.perf_counter() - start
-                applied = sum(layer.applied for layer in report.layers)
+                applied = sum(layer["applied"] for layer in report["layers"])
                 rows.append((name, keep, f"{method} + repair", macs, measure(reference, repaired, images, labels),
-                             seconds, f"{applied}/{len(report.layers)}", spread))
+                             seconds, f"{applied}/{len(report['layers'])}", spread))
                 print(f"{name} keep {keep} {method}: done in {seconds:.1f} s", file=sys.stderr, flush=True)
     data = "Fashion-MNIST" if any(name in trained for name in models) else "generated inputs"
     lines = [

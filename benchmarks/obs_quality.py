@@ -77,7 +77,7 @@ def run_model(name: str, keep: float, calib_count: int, quiet: bool, only: set |
         repaired, report = repair(prepared.model, selected, feeds, prepared.analysis, plan,
                                   rows=128 * len(feeds))
         record("obs + repair", repaired, started,
-               {"effective_samples": {l.node: round(l.effective_samples) for l in report.layers}})
+               {"effective_samples": {l["node"]: round(l["effective_samples"]) for l in report["layers"]}})
     if not only or "obs + damage allocation" in only:
         started = time.perf_counter()
         model, details, _ = obs_prune(prepared, Target(macs=keep), feeds, quiet=quiet)

@@ -725,7 +725,7 @@ def obs_prune(prepared, target, feeds: list[dict], sources=None, *, reconstruct:
                                ridge=options.get("ridge", 1e-3), batch=options.get("batch", 16),
                                seed=options.get("seed", 0), sources=sources, quiet=options.get("quiet", False),
                                rows=options.get("positions", 64) * samples)
-        details["reconstruction"] = report.to_dict()
+        details["reconstruction"] = report
     return model, details, plan
 
 

@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, subgraph_reads
-from onnx_prune.passes.base import PassResult, copy_model
+from onnx_prune.passes.base import Pass, PassResult, copy_model
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import position_map
 from onnx_prune.passes.obs import choose_ridge, fit_grid, squared_error  # noqa: F401 (fit_grid re-exported)
@@ -78,19 +78,23 @@ class RepairReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def format_table(self) -> str:
-        """Fixed-width table, one row per refitted layer, then the skipped ones."""
-        width = max([len("layer")] + [len(layer.node) for layer in self.layers])
-        lines = [f"repair on {self.samples} sample(s), {self.folds} folds ({self.split}); cross-validated "
-                 "relative error",
-                 f"{'layer':<{width}}  {'op':<6}  {'features':>8}  {'eff.n':>7}  {'before':>8}  {'after':>8}  "
-                 f"{'comp.':>8}  {'ridge':>7}  applied"]
-        for layer in self.layers:
-            lines.append(f"{layer.node:<{width}}  {layer.op:<6}  {layer.features:>8}  {layer.effective_samples:>7.0f}  "
-                         f"{layer.error_before:>8.4f}  {layer.error_after:>8.4f}  {layer.error_compensation:>8.4f}  "
-                         f"{layer.ridge:>7.0e}  {'yes' if layer.applied else 'no (kept)'}")
-        lines += [f"{node}: not refitted, {why}" for node, why in sorted(self.skipped.items())]
-        return "\n".join(lines)
+
+def format_table(details: dict) -> str:
+    """The repair's details (`RepairReport.to_dict()`) as a fixed-width table, one row per refitted layer, then
+    the skipped ones."""
+    layers = details["layers"]
+    width = max([len("layer")] + [len(layer["node"]) for layer in layers])
+    lines = [f"repair on {details['samples']} sample(s), {details['folds']} folds ({details['split']}); "
+             "cross-validated relative error",
+             f"{'layer':<{width}}  {'op':<6}  {'features':>8}  {'eff.n':>7}  {'before':>8}  {'after':>8}  "
+             f"{'comp.':>8}  {'ridge':>7}  applied"]
+    for layer in layers:
+        lines.append(f"{layer['node']:<{width}}  {layer['op']:<6}  {layer['features']:>8}  "
+                     f"{layer['effective_samples']:>7.0f}  {layer['error_before']:>8.4f}  "
+                     f"{layer['error_after']:>8.4f}  {layer['error_compensation']:>8.4f}  {layer['ridge']:>7.0e}  "
+                     f"{'yes' if layer['applied'] else 'no (kept)'}")
+    lines += [f"{node}: not refitted, {why}" for node, why in sorted(details["skipped"].items())]
+    return "\n".join(lines)
 
 
 def _unfit(node: onnx.NodeProto, weights: dict, readers: dict[str, int]) -> str | None:
@@ -176,8 +180,10 @@ def cv_error(moments: FoldMoments, theta: np.ndarray) -> float:
                for f in range(moments.folds) if moments.rows[f]) / energy
 
 
-class LeastSquaresRepairPass:
-    """`LeastSquaresRepairPass(original, analysis, plan, inputs, ...)(reduced) -> PassResult`; `.report` after.
+class LeastSquaresRepairPass(Pass):
+    """`LeastSquaresRepairPass(original, analysis, plan, inputs, ...)(reduced) -> PassResult` whose `details` is
+    the `RepairReport` as plain data (per refitted layer its errors, ridge and whether it was applied; the
+    layers skipped, with why).
 
     `sources`: per calibration sample, the id of what it was cut from (a photo), for honest folds."""
 
@@ -199,34 +205,32 @@ class LeastSquaresRepairPass:
         self.grid = fit_grid(ridge)
         self.seed, self.sequential = seed, sequential
         self.progress = Progress(quiet=quiet, label="repair")
-        self.report = RepairReport()
 
-    def __call__(self, reduced: onnx.ModelProto) -> PassResult:
+    def call(self, reduced: onnx.ModelProto) -> PassResult:
         model = copy_model(reduced)
         layers, skipped = reduced_layers(self.original, model)
-        self.report = RepairReport([], skipped, self.samples, self.folds, self.split)
-        if not layers:
-            return PassResult(model, False)
-        if self.sequential:
+        report = RepairReport([], skipped, self.samples, self.folds, self.split)
+        if layers and self.sequential:
             assign_waves(model, layers)
         index = {layer.node.name: i for i, layer in enumerate(layers)}
         for wave in sorted({layer.wave for layer in layers}):
-            self._fit_wave(model, [layer for layer in layers if layer.wave == wave], index)
-        return PassResult(model, any(r.applied for r in self.report.layers))
+            report.layers += self._fit_wave(model, [layer for layer in layers if layer.wave == wave], index)
+        return PassResult(model, any(r.applied for r in report.layers), report.to_dict())
 
     def _target_map(self, layer: Layer) -> np.ndarray | None:
         """How the reduced layer's output channels read the original ones (None: the same channels)."""
         layout = self.analysis.layouts.get(layer.node.output[0])
         return None if layout is None else position_map(self.analysis, self.plan, layout.ids)
 
-    def _fit_wave(self, model: onnx.ModelProto, wave: list[Layer], index: dict[str, int]) -> None:
+    def _fit_wave(self, model: onnx.ModelProto, wave: list[Layer], index: dict[str, int]) -> list[LayerRepair]:
         """Refit the layers of one wave: the original model gives the targets, the (partly repaired) reduced
-        model the inputs, both streamed batch by batch into moments."""
+        model the inputs, both streamed batch by batch into moments.  One row per layer, applied or not."""
         weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         moments = collect_moments(model, wave, self.batches, self.fold_of, self.source_of, self.sources,
                                   target=self.original, folds=self.folds, positions=self.positions, seed=self.seed,
                                   progress=self.progress, indices=[index[l.node.name] for l in wave],
                                   target_maps=[self._target_map(layer) for layer in wave])
+        rows = []
         for layer, found in zip(wave, moments):
             theta0 = layer.theta(weights)
             choice = choose_ridge(found, theta0, self.grid)
@@ -234,14 +238,16 @@ class LeastSquaresRepairPass:
             applied = bool(after < before)
             if applied:
                 layer.write(model, choice.theta)
-            self.report.layers.append(LayerRepair(
+            rows.append(LayerRepair(
                 layer.node.name, layer.op, theta0.shape[0], theta0.shape[1], int(found.rows.sum()),
                 found.effective_samples(), float(np.sqrt(before)), float(np.sqrt(after)),
                 float(np.sqrt(choice.cv_compensation)), choice.relative, applied, layer.wave))
+        return rows
 
 
 def repair(original: onnx.ModelProto, reduced: onnx.ModelProto, inputs: list[dict], analysis: ChannelAnalysis,
-           plan: Plan, **options) -> tuple[onnx.ModelProto, RepairReport]:
-    """`reduced` with its reduced layers refitted on `inputs` (feed dicts); options as LeastSquaresRepairPass."""
-    repair_pass = LeastSquaresRepairPass(original, analysis, plan, inputs, **options)
-    return repair_pass(reduced).model, repair_pass.report
+           plan: Plan, **options) -> tuple[onnx.ModelProto, dict]:
+    """`reduced` with its reduced layers refitted on `inputs` (feed dicts), and the pass's details (the
+    `RepairReport` as plain data); options as LeastSquaresRepairPass."""
+    result = LeastSquaresRepairPass(original, analysis, plan, inputs, **options)(reduced)
+    return result.model, result.details

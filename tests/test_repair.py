@@ -1,11 +1,16 @@
 """Least-squares repair: im2col against onnxruntime, the ridge fit, and held-out errors that really fall."""
+import json
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_prune.pipeline import method_plan, prepare_folded
-from onnx_prune.passes.repair import Layer, fit_grid, intermediate_tensors, layer_rows, repair
+from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.passes.base import Pass
+from onnx_prune.passes.repair import (Layer, LeastSquaresRepairPass, fit_grid, format_table, intermediate_tensors,
+                                      layer_rows, repair)
 from onnx_prune.runtime.calibration import feed_batches
 from onnx_prune.passes.rewrite import ApplyPlanPass
 from onnx_prune.pipeline import PruneOptions, build_plan, prepare
@@ -73,10 +78,10 @@ def _pruned(prepared, ratio=0.5):
 def _check_repair(prepared, plan, reduced, calib, test, **options):
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, **options)
     onnx.checker.check_model(repaired, full_check=True)
-    assert report.layers and not report.skipped
-    assert any(layer.applied for layer in report.layers)
-    for layer in report.layers:  # a layer changes only where held-out sources say it gets closer
-        assert layer.applied == (layer.error_after < layer.error_before), layer
+    assert report["layers"] and not report["skipped"]
+    assert any(layer["applied"] for layer in report["layers"])
+    for layer in report["layers"]:  # a layer changes only where held-out sources say it gets closer
+        assert layer["applied"] == (layer["error_after"] < layer["error_before"]), layer
     original = run(prepared.model, test)
     assert relative_error(original, run(repaired, test)) < 0.5 * relative_error(original, run(reduced, test))
     return repaired, report
@@ -97,9 +102,9 @@ def test_repair_after_centripetal_merging(name):
     reduced = ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
     _, report = _check_repair(prepared, plan, reduced, calib, feeds_for(prepared.model, seed=2, batch=4, samples=4))
-    waves = [layer.wave for layer in report.layers]
+    waves = [layer["wave"] for layer in report["layers"]]
     assert waves == sorted(waves) and waves[-1] > 0
-    assert all(layer.node in report.format_table() for layer in report.layers)
+    assert all(layer["node"] in format_table(report) for layer in report["layers"])
 
 
 def test_layers_that_see_repaired_inputs_beat_one_pass_over_the_reduced_model():
@@ -111,7 +116,7 @@ def test_layers_that_see_repaired_inputs_beat_one_pass_over_the_reduced_model():
     errors = {}
     for sequential in (True, False):
         repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, sequential=sequential)
-        assert ({layer.wave for layer in report.layers} != {0}) == sequential
+        assert ({layer["wave"] for layer in report["layers"]} != {0}) == sequential
         errors[sequential] = relative_error(original, run(repaired, test))
     assert errors[True] < errors[False] < relative_error(original, run(reduced, test))
 
@@ -143,17 +148,17 @@ def test_the_written_weights_are_the_fitted_ones():
     plan, reduced = _pruned(prepared)
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=8)
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, rows=10 ** 7, batch=1)
-    assert [(l.node, l.applied) for l in report.layers] == [("conv1", True), ("fc", True)]
+    assert [(l["node"], l["applied"]) for l in report["layers"]] == [("conv1", True), ("fc", True)]
     assert "conv1.repair_bias" in {t.name for t in repaired.graph.initializer}
 
     def output(model, name):
         return np.concatenate([o[name] for o in intermediate_tensors(model, [name], calib)])
 
     weights = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
-    for layer in report.layers:
-        node = next(n for n in repaired.graph.node if n.name == layer.node)
+    for layer in report["layers"]:
+        node = next(n for n in repaired.graph.node if n.name == layer["node"])
         original = output(prepared.model, node.output[0])
-        if layer.node == "conv1":  # its own outputs were pruned too: the target is the kept ones
+        if layer["node"] == "conv1":  # its own outputs were pruned too: the target is the kept ones
             gid = int(prepared.analysis.id_group[prepared.analysis.layouts["c1"].ids[0]])
             original = original[:, plan.groups[gid].keep]
         mine, before = output(repaired, node.output[0]), output(reduced, node.output[0])
@@ -173,10 +178,10 @@ def test_a_refit_that_does_not_generalise_is_refused():
     plan, reduced = _pruned(prepared)
     calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
     repaired, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
-    [layer] = report.layers
-    assert (layer.features, layer.rows, report.samples, report.folds) == (33, 48, 48, 4)
-    assert layer.ridge >= 1.0 and layer.applied
-    assert layer.error_after <= layer.error_compensation < layer.error_before
+    [layer] = report["layers"]
+    assert (layer["features"], layer["rows"], report["samples"], report["folds"]) == (33, 48, 48, 4)
+    assert layer["ridge"] >= 1.0 and layer["applied"]
+    assert layer["error_after"] <= layer["error_compensation"] < layer["error_before"]
     free, _ = repair(prepared.model, reduced, calib, prepared.analysis, plan, ridge=0.0, batch=1)
     assert free.SerializeToString() == repaired.SerializeToString()  # deterministic
 
@@ -188,12 +193,32 @@ def test_held_out_folds_follow_the_sources():
     calib = feeds_for(prepared.model, seed=1, batch=1, samples=12)
     sources = np.arange(12) % 3
     _, report = repair(prepared.model, reduced, calib, prepared.analysis, plan, sources=sources)
-    assert (report.folds, report.split) == (4, "by source")
-    from onnx_prune.passes.repair import LeastSquaresRepairPass
+    assert (report["folds"], report["split"]) == (4, "by source")
     folds = LeastSquaresRepairPass(prepared.model, prepared.analysis, plan, calib, sources=sources).fold_of
     assert [len(set(folds[sources == s].tolist())) for s in range(3)] == [1, 1, 1]
     with pytest.raises(ValueError, match="2 sources"):
         repair(prepared.model, reduced, calib, prepared.analysis, plan, sources=np.zeros(12))
+
+
+def test_the_repair_pass_says_what_it_did_in_its_details():
+    """One entry point: the repair is a contract-checked `Pass`, and its report is `PassResult.details`, as plain
+    data (JSON round-trips it), not state left on the pass; `repair` is that pass called once."""
+    prepared = prepare(fixture_path("residual_add"))
+    plan, reduced = _pruned(prepared)
+    calib = feeds_for(prepared.model, seed=1, batch=4, samples=12)
+    repair_pass = LeastSquaresRepairPass(prepared.model, prepared.analysis, plan, calib)
+    result = repair_pass(reduced)
+    assert isinstance(repair_pass, Pass) and not hasattr(repair_pass, "report")
+    assert result.modified == any(layer["applied"] for layer in result.details["layers"]) is True
+    assert json.loads(json.dumps(result.details)) == result.details
+    before = {t.name: list(t.dims) for t in prepared.model.graph.initializer}
+    after = {t.name: list(t.dims) for t in reduced.graph.initializer}
+    narrowed = {n.name for n in reduced.graph.node if n.op_type in ("Conv", "Gemm")
+                and after[n.input[1]][weight_axes(n, 2)[1]] < before[n.input[1]][weight_axes(n, 2)[1]]}
+    assert {layer["node"] for layer in result.details["layers"]} == narrowed == {"conv1", "conv2", "conv3", "conv4",
+                                                                                 "fc"}
+    model, details = repair(prepared.model, reduced, calib, prepared.analysis, plan)
+    assert model.SerializeToString() == result.model.SerializeToString() and details == result.details
 
 
 def test_a_model_that_is_not_the_plans_original_is_refused():
