@@ -34,11 +34,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, subgraph_reads
+from onnx_prune.analysis.layers import weight_axes
 from onnx_prune.passes.base import Pass, PassResult, copy_model
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import position_map
 from onnx_prune.passes.obs import choose_ridge, fit_grid, squared_error  # noqa: F401 (fit_grid re-exported)
-from onnx_prune.runtime.calibration import (FOLDS, FoldMoments, Layer, Progress, _in_axis,  # noqa: F401
+from onnx_prune.runtime.calibration import (FOLDS, FoldMoments, Layer, Progress,  # noqa: F401
                                             collect_moments, conv_pads, feed_batches, im2col, intermediate_tensors,
                                             layer_rows, output_axis, output_rows, source_folds, source_index,
                                             upstream_graph)
@@ -111,7 +112,7 @@ def _unfit(node: onnx.NodeProto, weights: dict, readers: dict[str, int]) -> str 
     elif w.ndim != 2:
         return "MatMul with a batched weight"
     bias = node.input[2] if len(node.input) > 2 else ""
-    n_out = w.shape[0] if node.op_type == "Conv" else w.shape[1 - _in_axis(node, w)]
+    n_out = w.shape[weight_axes(node, w.ndim)[0]]
     if bias and (bias not in weights or weights[bias].size != n_out):
         return "bias is not a constant vector with one value per output"
     return None
@@ -133,12 +134,11 @@ def reduced_layers(original: onnx.ModelProto, reduced: onnx.ModelProto) -> tuple
                 or node.input[0] in weights:
             continue
         w = weights[node.input[1]]
-        axis = _in_axis(node, w)
+        out_axis, axis = weight_axes(node, w.ndim)
         old = before.get(node.input[1])
         if old is None or len(old) != w.ndim or w.shape[axis] >= old[axis]:
             continue
         twin = original_nodes.get(node.name)
-        out_axis = 0 if node.op_type == "Conv" else w.ndim - 1 - axis
         other_dims = [d for i, d in enumerate(w.shape) if i not in (axis, out_axis)]
         if twin is None or twin.op_type != node.op_type or list(twin.input[:2]) != list(node.input[:2]) \
                 or list(twin.output) != list(node.output) or w.shape[out_axis] > old[out_axis] \

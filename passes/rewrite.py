@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis
+from onnx_prune.analysis.layers import weight_axes
 from onnx_prune.passes.allocate import kept_ids
 from onnx_prune.passes.base import Pass, PassResult, PreconditionError, copy_model
 from onnx_prune.passes.plan import Plan
@@ -121,10 +122,8 @@ def _bias_delta(node: onnx.NodeProto, weight: np.ndarray, shift: np.ndarray) -> 
     if node.op_type == "ConvTranspose":
         taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
         return shift @ taps / float(np.prod(_attribute(node, "strides", [1])))
-    if node.op_type == "Gemm":
-        b = w.T if _attribute(node, "transB", 0) else w
-        return _attribute(node, "alpha", 1.0) * (shift @ b)
-    return shift @ w  # MatMul
+    # Gemm, MatMul (alpha 1): the weight read as (inputs, outputs)
+    return _attribute(node, "alpha", 1.0) * (shift @ np.moveaxis(w, weight_axes(node, w.ndim)[1], 0))
 
 
 def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,

@@ -29,6 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 from onnx_prune.analysis.channels import subgraph_reads
+from onnx_prune.analysis.layers import weight_axes
 
 FOLDS = 4
 POSITIONS = 64    # output positions sampled per sample and layer (all of them where there are fewer)
@@ -181,10 +182,8 @@ class Layer:
         w = weights[self.node.input[1]].astype(np.float64)
         if self.op == "Conv":
             matrix = w.reshape(len(w), -1).T
-        elif self.op == "Gemm":
-            matrix = self.attr("alpha", 1.0) * (w.T if self.attr("transB", 0) else w)
-        else:
-            matrix = w
+        else:  # Gemm, MatMul (alpha 1): (inputs, outputs)
+            matrix = self.attr("alpha", 1.0) * np.moveaxis(w, weight_axes(self.node, w.ndim)[1], 0)
         if not self.fits_bias:
             return matrix
         bias = weights[self.bias_name].astype(np.float64).reshape(-1) if self.bias_name else \
@@ -200,10 +199,8 @@ class Layer:
         matrix = theta[:-1] if self.fits_bias else theta
         if self.op == "Conv":
             new = matrix.T.reshape(old.shape)
-        elif self.op == "Gemm":
-            new = (matrix.T if self.attr("transB", 0) else matrix) / self.attr("alpha", 1.0)
-        else:
-            new = matrix
+        else:  # Gemm, MatMul (alpha 1): back from (inputs, outputs) to the stored orientation
+            new = np.moveaxis(matrix, 0, weight_axes(node, old.ndim)[1]) / self.attr("alpha", 1.0)
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(new.astype(old.dtype), node.input[1]))
         if not self.fits_bias:
             return
@@ -222,13 +219,8 @@ class Layer:
 
 
 def _in_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    from onnx_prune.analysis.layers import weight_axes
-
     return weight_axes(node, weight.ndim)[1]
 
-
-
-# --- rows: im2col patches and targets at sampled positions
 
 # --- rows: im2col patches and targets at sampled positions
 
