@@ -403,7 +403,8 @@ def _options_from(args):
     from onnx_prune.options import PruneOptions, cli_spec
     from onnx_prune.pipeline import check_options
 
-    options = PruneOptions(**{name: getattr(args, name) for name, _, _ in cli_spec()})
+    options = PruneOptions(**{name: getattr(args, name) for name, _, _ in cli_spec()},
+                           progress=not getattr(args, "quiet", False))
     check_options(options)
     return options
 

@@ -105,6 +105,55 @@ class MethodInput:
                          self.constraints.max_ratio, cap=cap,
                          comparable=comparable_across_groups(self.opts.criterion), latency=self.latency_model())
 
+    def counts_for(self, scores: dict[int, np.ndarray], select=None, cap: dict[int, int] | None = None
+                   ) -> tuple[dict[int, int], dict]:
+        """Channels each group keeps for the target under the constraints' allocation, and what the allocation
+        reports: uniform and global rank by `scores`; "sensitivity" measures each group's damage curve with the
+        method's own selection (`select`) and compensation, and removes least damage per MAC saved first."""
+        constraints, allocator = self.constraints, self.allocator(scores, cap)
+        if constraints.allocation != "sensitivity" or constraints.target.kind is None:
+            return allocator.counts_for(constraints.target, constraints.allocation), {}
+        from onnx_prune.passes.sensitivity import damage_counts
+
+        curves, source = self.damage_curves(allocator, select)
+        counts = damage_counts(self.prepared, curves, self.group_ids, constraints.target, self.cost_model(),
+                               make_allocator=lambda s: self.allocator(s, cap), extrapolate=True)
+        analysis = self.prepared.analysis
+        return counts, {"sensitivity": {
+            "inputs": source, "curves": {analysis.groups[g].name: c.to_dict() for g, c in sorted(curves.items())},
+            "kept": {analysis.groups[g].name: f"{n}/{analysis.groups[g].size}" for g, n in sorted(counts.items())}}}
+
+    def damage_curves(self, allocator: Allocator, select=None) -> tuple[dict, str]:
+        """Per shrinking group, the output damage of pruning it alone (`passes.sensitivity`), through this
+        method's selection, compensation and the rewrite; on the --calib data, else on synthetic images."""
+        from onnx_prune.passes.rewrite import ApplyPlanPass
+        from onnx_prune.passes.sensitivity import damage_inputs, selection_damage_curves, stderr_progress
+        from onnx_prune.pipeline import compensated
+
+        prepared, opts = self.prepared, self.opts
+        try:
+            feeds, source = damage_inputs(prepared.model, self.calibration, seed=opts.seed,
+                                          normalization=_normalization(opts))
+        except ValueError as err:  # e.g. an input size left open: nothing to synthesise
+            raise PruneError(f"--allocation sensitivity cannot build inputs to measure damage on ({err}); "
+                             "give --calib data") from None
+
+        def pruned_model(plan: Plan):
+            if opts.compensate:
+                plan = compensated(self, plan)[0]
+            return ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
+
+        curves = selection_damage_curves(prepared.model, allocator, self.group_ids, feeds, pruned_model,
+                                         select=select, progress=stderr_progress(not opts.progress))
+        return curves, source
+
+    def allocate(self, scores: dict[int, np.ndarray], select=None, cap: dict[int, int] | None = None
+                 ) -> tuple[Plan, dict]:
+        """The Plan for the constraints (`counts_for`), channels picked by `select` (default: the top scores)."""
+        counts, details = self.counts_for(scores, select, cap)
+        snap = self.constraints.target.kind != "latency"
+        return self.allocator(scores, cap).plan_for_counts(counts, select, snap=snap), details
+
     def latency_model(self):
         """The measured latency model (cached per model and runtime), when the target or round_to="auto" needs it."""
         if self.constraints.target.kind != "latency" and self.constraints.round_to != "auto":
@@ -115,11 +164,18 @@ class MethodInput:
             from onnx_prune.runtime.latency_model import load_or_measure
 
             o = self.opts
-            quiet = getattr(o, "quiet", False)
+            quiet = not o.progress
             self._latency = load_or_measure(self.prepared.model, self.prepared.analysis, o.provider, o.threads,
                                             o.latency_batch, table_file=o.latency_table,
                                             progress=None if quiet else lambda line: print(line, file=sys.stderr))
         return self._latency
+
+
+def _normalization(opts: PruneOptions) -> tuple | None:
+    """(means, stds) per channel from --mean/--std (the model's input normalisation), None when not given."""
+    if not opts.mean or not opts.std:
+        return None
+    return tuple([float(v) for v in str(text).split(",")] for text in (opts.mean, opts.std))
 
 
 class Method(ABC):
@@ -191,10 +247,9 @@ class PruneMethod(Method):
             plan, report = blend_plan(given.prepared, given.opts, given.group_ids, threshold=o.blend_threshold,
                                       generations=o.generations, population=o.population, workers=o.workers,
                                       time_budget=o.time_budget, metric=o.blend_metric,
-                                      blend_weights=o.blend_weights, progress=not getattr(o, "quiet", False))
+                                      blend_weights=o.blend_weights, progress=o.progress)
             return plan, {"blend": report}
-        scores = criterion_scores(given)
-        return given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation), {}
+        return given.allocate(criterion_scores(given))
 
 
 class SimilarityMethod(Method):
@@ -207,8 +262,7 @@ class SimilarityMethod(Method):
         scores = criterion_scores(given) if given.opts.criterion in CRITERION_NAMES else \
             {g: channel_scores(given.prepared.analysis.groups[g], given.scoring, "l2") for g in given.group_ids}
         select = SimilaritySelect(given.scoring, given.opts.merge_neighbours, nystrom=given.opts.criterion == "nystrom")
-        plan = given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation, select)
-        return plan, {}
+        return given.allocate(scores, select)
 
 
 class CentripetalMethod(Method):
@@ -226,8 +280,8 @@ class CentripetalMethod(Method):
         scores = {g: channel_scores(given.prepared.analysis.groups[g], given.scoring, "l2", "domino-o")
                   for g in given.group_ids}
         select = CentripetalSelect(given.scoring, given.opts.medoid)
-        plan = given.allocator(scores).allocate(given.constraints.target, given.constraints.allocation, select)
-        return plan, {"clusters": [select.stats[gid].to_dict() for gid in sorted(plan.groups)]}
+        plan, details = given.allocate(scores, select)
+        return plan, {**details, "clusters": [select.stats[gid].to_dict() for gid in sorted(plan.groups)]}
 
 
 class RedMethod(Method):
@@ -276,12 +330,15 @@ class RedMethod(Method):
         merged = search.plan(tol)
         cap = {g: len(p.keep) for g, p in merged.plan.groups.items()}
         allocator = given.allocator(scores, cap)
-        counts = allocator.counts_for(target, constraints.allocation) if target.kind is not None else \
-            allocator.settle({g: cap.get(g, analysis.groups[g].size) for g in groups})
+        allocated = {}
+        if target.kind is not None:  # (a fresh MergedSelect for the sensitivity trials: it counts what it does)
+            counts, allocated = given.counts_for(scores, MergedSelect(merged.plan, scores), cap)
+        else:
+            counts = allocator.settle({g: cap.get(g, analysis.groups[g].size) for g in groups})
         select = MergedSelect(merged.plan, scores)
         plan = allocator.plan_for_counts(counts, select)
         merged_away = {analysis.groups[g].name or str(g): n for g, n in select.merged_count.items() if n}
-        return plan, {"merge": {"tol": tol, "merged": sum(merged_away.values()), "groups": merged_away},
+        return plan, {**allocated, "merge": {"tol": tol, "merged": sum(merged_away.values()), "groups": merged_away},
                       "pruned": sum(select.pruned.values())}
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+ROUND_RULES = ("size", "auto")  # --round-to values that are not a number
+
+
 def round_to_value(text: str) -> int | str:
-    """--round-to: a positive integer or "auto"."""
-    return text if text == "auto" else int(text)
+    """--round-to: a positive integer, "size" or "auto"."""
+    return text if text in ROUND_RULES else int(text)
 
 
 def option(default, help: str, **meta):
@@ -53,13 +56,19 @@ class PruneOptions:
                             group=CHOICE)
     normalize: bool = option(False, "divide scores by the number of weights a channel's removal deletes",
                              group=CHOICE, action="store_true")
-    allocation: str = option("uniform", "same share from every group, or one ranking of all channels "
-                             "(default uniform)", group=CHOICE, choices=["uniform", "global"])
+    allocation: str = option("uniform", "uniform: the same share from every group; global: one ranking of all "
+                             "channels; sensitivity: each group pruned alone at a few shares, the damage to the "
+                             "outputs measured (on --calib data, else on synthetic images), least damage per MAC "
+                             "removed first (default uniform)", group=CHOICE,
+                             choices=["uniform", "global", "sensitivity"])
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
-    round_to: int | str = option(1, "round each kept channel count up to a multiple of N, or 'auto': the fastest "
-                                 "width at or just below it per the measured latency table (the default with "
-                                 "--target-latency); default 1", group=CHOICE, metavar="N|auto", type=round_to_value)
+    round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "
+                                 "to a multiple of 8 in groups whose layers do at least 1 M MACs per sample (without "
+                                 "a MAC count: groups of 32 channels or more), not at all in lighter ones, so that "
+                                 "CPU kernels keep their vector blocks where the time is; 'auto': the fastest width "
+                                 "at or just below it per the measured latency table (the default with "
+                                 "--target-latency)", group=CHOICE, metavar="N|size|auto", type=round_to_value)
     exclude: list = option([], "node names (shell wildcards allowed) whose channel groups are left whole",
                            group=CHOICE, nargs="+", metavar="NODE")
     protect_first: bool = option(False, "also leave whole the groups of layers that read the graph input (the "
@@ -112,6 +121,8 @@ class PruneOptions:
                                ".npz (N samples along the batch axis), .npy, an image folder or a .py data loader",
                                group=DATA, metavar="DATA")
     seed: int = option(0, "seed for generated inputs and seeded criteria (default 0)", group=DATA)
+    progress: bool = option(True, "progress lines of long steps (sensitivity curves, blend search, latency "
+                            "tables) on stderr; the CLI's --quiet turns them off", cli=False)
     provider: str = option("cpu", "onnxruntime execution provider to measure latency on: cpu, cuda, tensorrt "
                            "(default cpu)", group=SPEED)
     threads: int | None = option(None, "onnxruntime intra-op threads for latency measurements (default: "

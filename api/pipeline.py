@@ -18,7 +18,7 @@ from onnx_prune.errors import PruneError, spelled_for_caller
 from onnx_prune.options import PruneOptions
 
 API_ERRORS = spelled_for_caller(set(PruneOptions.__dataclass_fields__))
-from onnx_prune.passes.constraints import Constraints, Target
+from onnx_prune.passes.constraints import ALLOCATIONS, Constraints, Target
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
@@ -212,6 +212,7 @@ class SweepConfig:
     label: str
     options: dict                 # `prune` keywords besides the target
     needs_calibration: bool = False  # the benchmark supplies `calib`
+    accepts_calibration: bool = False  # data-free, and better with `calib`: benchmarks run it both ways
 
 
 def sweep_configurations() -> list[SweepConfig]:
@@ -227,6 +228,9 @@ def sweep_configurations() -> list[SweepConfig]:
                 if c in CRITERION_NAMES]
     configs += [SweepConfig(f"{c}/global", {"criterion": c, "allocation": "global"}) for c in ("l2", "bnvar")
                 if c in CRITERION_NAMES]
+    # measured per-group damage (synthetic inputs data-free; the calibration data when given)
+    configs += [SweepConfig("bnvar/sensitivity", {"criterion": "bnvar", "allocation": "sensitivity"},
+                             accepts_calibration=True)]
     configs += [SweepConfig("similarity-select", {"method": "similarity"}),
                 SweepConfig("similarity-select+merge-neighbours", {"method": "similarity", "merge_neighbours": True})]
     configs += [SweepConfig(f"{c}/domino-o", {"criterion": c}, True) for c in CALIBRATION_CRITERIA]
@@ -267,8 +271,8 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("blend search needs --population >= 5, --generations >= 1 and --workers >= 1")
     if opts.aggregate not in AGGREGATIONS:
         raise PruneError(f"unknown aggregation '{opts.aggregate}' (choose from {', '.join(AGGREGATIONS)})")
-    if opts.allocation not in ("uniform", "global"):
-        raise PruneError(f"unknown allocation '{opts.allocation}' (uniform or global)")
+    if opts.allocation not in ALLOCATIONS:
+        raise PruneError(f"unknown allocation '{opts.allocation}' (choose from {', '.join(ALLOCATIONS)})")
     method_named(opts.method)
     if opts.repair and opts.method in ("red", "hash"):
         raise PruneError("--repair works with prune, similarity and centripetal; RED is data-free")
@@ -281,9 +285,9 @@ def check_options(opts: PruneOptions) -> None:
     for name, value in opts.__dict__.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise PruneError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if opts.round_to != "auto" and (isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int)
-                                    or opts.round_to < 1):
-        raise PruneError(f"--round-to must be a positive integer or auto, got {opts.round_to}")
+    if opts.round_to not in ("size", "auto") and (isinstance(opts.round_to, bool)
+                                                  or not isinstance(opts.round_to, int) or opts.round_to < 1):
+        raise PruneError(f"--round-to must be a positive integer, size or auto, got {opts.round_to}")
     if opts.latency_batch < 1 or (opts.threads is not None and opts.threads < 1):
         raise PruneError("--latency-batch and --threads must be positive")
     if opts.min_speedup is not None and not opts.min_speedup > 0:

@@ -42,15 +42,19 @@ class Target:
         return f"keep {self.value:.0%} of {noun}"
 
 
+ALLOCATIONS = ("uniform", "global", "sensitivity")  # how a target is spread over the groups
+
+
 @dataclass(frozen=True)
 class Constraints:
     """The target plus what may not change: honoured by every method (or refused by name)."""
     target: Target = field(default_factory=Target)
     exclude: tuple[str, ...] = ()       # node names (shell wildcards): their output channels stay whole
     protect_first: bool = False         # also keep whole the groups of layers reading a graph input
-    round_to: int = 1                   # kept counts rounded up to a multiple of this
+    round_to: int | str = "size"        # kept counts rounded up to a multiple of this, per group ("size") or
+                                        # to the latency table's fastest widths ("auto"): passes.allocate
     max_ratio: float = 1.0              # at most this share of any group goes
-    allocation: str = "uniform"         # uniform | global
+    allocation: str = "uniform"         # one of ALLOCATIONS
 
     # the fields a method may refuse, by the name users know them (`Method.refuses` keys)
     NAMES = ("target", "exclude", "protect_first", "round_to", "max_ratio", "allocation")
@@ -58,9 +62,10 @@ class Constraints:
     def given(self) -> list[str]:
         """The constraints that differ from "no constraint" (what a method must honour or refuse)."""
         out = ["target"] if self.target.kind is not None else []
-        out += [name for name, unset in (("exclude", ()), ("protect_first", False), ("round_to", 1),
-                                         ("max_ratio", 1.0), ("allocation", "uniform"))
-                if getattr(self, name) != unset]
+        # a rounding of 1 or the default "size" asks nothing of a method that removes no channel
+        unset = {"exclude": ((),), "protect_first": (False,), "round_to": (1, "size"), "max_ratio": (1.0,),
+                 "allocation": ("uniform",)}
+        out += [name for name in self.NAMES[1:] if getattr(self, name) not in unset[name]]
         return out
 
     def excluded_groups(self, model: onnx.ModelProto, analysis: ChannelAnalysis) -> set[int]:

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 from onnx import numpy_helper
 
+from onnx_prune.passes.sensitivity import DamageCurve, damage_counts, output_damage
 from onnx_prune.runtime.calibration import FOLDS, FoldMoments, _in_axis
 
 # ridge amounts tried, relative to the mean diagonal of X^T X over the weights; inf = compensation only
@@ -489,39 +490,7 @@ def fit_grid(ridge: float) -> tuple[float, ...]:
     return tuple(sorted({float(ridge)} | {g for g in RIDGE_GRID if g >= ridge}))
 
 
-# --- sensitivity: measured damage per group, and scores that make the allocator minimise it
-
-def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    """Mean KL divergence of the softmax of a 2-D output (a classifier's logits) from the reference's; for any
-    other output, its squared error over the reference's energy."""
-    total = 0.0
-    for ref, out in zip(reference, outputs):
-        ref, out = ref.astype(np.float64), out.astype(np.float64)
-        if ref.ndim == 2 and ref.shape[1] > 1:
-            p = np.exp(ref - ref.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            log_q = out - out.max(1, keepdims=True)
-            log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
-            total += float(np.mean(np.sum(p * (np.log(p + 1e-300) - log_q), axis=1)))
-        else:
-            total += float(np.sum((ref - out) ** 2) / max(np.sum(ref ** 2), 1e-30))
-    return total
-
-
-@dataclass
-class DamageCurve:
-    """Output damage of pruning one group alone (OBS selection and reconstruction of its consumers) at a few
-    removal counts; 0 removed costs 0."""
-    group: int
-    removed: list[int]      # channel counts removed, increasing, starting at 0
-    damage: list[float]     # measured output damage at each
-
-    def at(self, count: float) -> float:
-        return float(np.interp(count, self.removed, self.damage))
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
+# --- sensitivity: measured damage per group (allocation by `passes.sensitivity`)
 
 def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.75), samples: int = 64, *,
                   sources=None, positions: int = 64, batch: int = 16, seed: int = 0,
@@ -617,52 +586,6 @@ def split_by_source(feeds: list[dict], sources=None, held: int = 64, folds: int 
         chosen = chosen[-1:]
     chosen_set = set(chosen)
     return [f for i, f in enumerate(feeds) if i not in chosen_set], [feeds[i] for i in chosen]
-
-
-def damage_scores(curves: dict[int, DamageCurve], analysis, cost_model, kind: str = "macs") -> dict[int, np.ndarray]:
-    """Per group, a score per free channel such that the allocator's global ranking (lowest first, scores
-    comparable across groups) removes channels in order of least measured damage per MAC (or parameter) saved:
-    the k-th channel a group gives up scores the damage curve's slope there (made non-decreasing) over what one
-    channel of the group costs.  Channels beyond the measured range score +inf-like (removed last)."""
-    full = np.ones(len(analysis.id_group), dtype=bool)
-    base = cost_model.evaluate(full)[0 if kind == "macs" else 1]
-    scores = {}
-    for gid, curve in curves.items():
-        group = analysis.groups[gid]
-        free = np.nonzero(~group.frozen)[0]
-        without = full.copy()
-        without[(analysis.id_group == gid) & np.isin(analysis.id_channel, free)] = False
-        saved = base - cost_model.evaluate(without)[0 if kind == "macs" else 1]
-        per_channel = max(saved / max(len(free), 1), 1e-30)
-        top = curve.removed[-1]
-        slopes = np.diff([curve.at(k) for k in range(top + 1)])
-        slopes = np.maximum.accumulate(np.maximum(slopes, 0.0)) / per_channel
-        score = np.full(group.size, np.inf)
-        values = np.concatenate([slopes, 1e30 * (1.0 + np.arange(len(free) - top))])
-        score[free] = values[:len(free)]
-        scores[gid] = score
-    return scores
-
-
-def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, cost_model, round_to=1,
-                  max_ratio: float = 1.0, make_allocator=None) -> dict[int, int]:
-    """Channels each group keeps for `target` (a `passes.constraints.Target`) so that the summed measured
-    damage is least: the allocator's global ranking over `damage_scores` (greedy on the damage per MAC, or per
-    parameter, saved).  Groups without a curve (no measurable consumer) stay whole.  `make_allocator(scores)`:
-    the caller's Allocator factory (e.g. one that knows a latency model); default: one from the arguments."""
-    from onnx_prune.passes.allocate import Allocator
-
-    kind = "params" if target.kind == "params" else "macs"
-    scores = damage_scores(curves, prepared.analysis, cost_model, kind)
-    for gid in group_ids:
-        if gid not in scores:
-            scores[gid] = np.full(prepared.analysis.groups[gid].size, 1e300)
-    if make_allocator is None:
-        allocator = Allocator(prepared.analysis, scores, cost_model, round_to, max_ratio)
-    else:
-        allocator = make_allocator(scores)
-    allocator.comparable = True  # the scores are damage per MAC in every group: rank them as they are
-    return allocator.counts_for(target, "global")
 
 
 def obs_select(prepared, target, feeds: list[dict], sources=None, *, group_ids=None, allocation: str = "damage",
