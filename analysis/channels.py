@@ -282,15 +282,10 @@ def _freeze_unclaimed_weights(ctx: Context, graph: onnx.GraphProto) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in owned and (node.name, i) not in ctx.claimed:
-                reason = f"weight '{name}' is also read by {node.op_type} node '{node.name}'"
-                for (param, _axis), ids in ctx.param_ids.items():
-                    if param == name:
-                        ctx.freeze(ids, reason)
+                _freeze_param(ctx, name, f"weight '{name}' is also read by {node.op_type} node '{node.name}'")
     read_inside = set().union(*(subgraph_reads(n) for n in graph.node))
     for name in sorted(read_inside & owned):
-        for (param, _axis), ids in ctx.param_ids.items():
-            if param == name:
-                ctx.freeze(ids, f"weight '{name}' is read inside a subgraph")
+        _freeze_param(ctx, name, f"weight '{name}' is read inside a subgraph")
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -1,16 +1,21 @@
-"""Which axis of a layer's weight indexes its output and its input channels: the one place that knows."""
+"""What the package reads off ONNX nodes, each in one place: an attribute's value, which axis of a layer's weight
+indexes its output and its input channels, the nodes that read a tensor."""
 from __future__ import annotations
 
 import onnx
 from onnx import helper
 
 
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute `name`, `default` where the node does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def weight_axes(node: onnx.NodeProto, ndim: int) -> tuple[int, int]:
     """(output-channel axis, input-channel axis) of the weight (input 1) of a Conv, ConvTranspose, Gemm or
     MatMul node whose weight has `ndim` dimensions."""
     if node.op_type == "Gemm":
-        trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
-        return (0, 1) if trans_b else (1, 0)
+        return (0, 1) if attr(node, "transB", 0) else (1, 0)
     if node.op_type == "MatMul":
         return ndim - 1, ndim - 2
     if node.op_type == "ConvTranspose":  # (C_in, C_out / group, k...)

@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 
 from onnx_prune.analysis.channels import Context
-from onnx_prune.analysis.rule_basics import attr, norm_axis
+from onnx_prune.analysis.layers import attr
+from onnx_prune.analysis.rule_basics import axes_of, norm_axis
 from onnx_prune.analysis.shape_values import shapevec
 
 
@@ -30,11 +31,9 @@ def _moved(ctx: Context, node: onnx.NodeProto, positions: np.ndarray) -> np.ndar
         axis = norm_axis(attr(node, "axis", 1), positions.ndim)
         return positions.reshape(int(np.prod(positions.shape[:axis])), -1)
     if op in ("Squeeze", "Unsqueeze"):
-        axes = attr(node, "axes", None)
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = ctx.const(node.input[1])
-            if axes is None:
-                return None
+        axes, known = axes_of(ctx, node)
+        if not known:
+            return None
         if op == "Squeeze":
             axes = tuple(norm_axis(int(a), positions.ndim) for a in axes) if axes is not None else None
             return np.squeeze(positions, axis=axes)

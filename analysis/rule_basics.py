@@ -1,22 +1,26 @@
-"""What every channel rule uses: a node's attributes, axes made non-negative, how a node is named in reasons,
+"""What every channel rule uses besides `layers.attr`: axes made non-negative, how a node is named in reasons,
 and `block`, the rule for whatever no rule understands (it freezes every channel that reaches the node)."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
 
 from onnx_prune.analysis.channels import Context
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from onnx_prune.analysis.layers import attr
 
 
 def norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def axes_of(ctx: Context, node: onnx.NodeProto) -> tuple[list | np.ndarray | None, bool]:
+    """A node's `axes`: the attribute (older opsets) or the constant input 1 (newer ones), None where neither is
+    given; and whether they are known (False where input 1 is computed)."""
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.const(node.input[1])
+        return axes, axes is not None
+    return axes, True
 
 
 def describe(node: onnx.NodeProto) -> str:

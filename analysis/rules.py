@@ -6,7 +6,7 @@ that follow channels, and freezes what it cannot follow.  An op missing from the
 `block` freezes every channel that reaches it.  Adding an op is adding one entry.
 
 What the rules lean on lives apart: `shape_values` follows the integers a graph computes about its shapes,
-`positions` pushes channel positions through reshapes with numpy, `rule_basics` reads nodes.
+`positions` pushes channel positions through reshapes with numpy, `rule_basics` and `layers` read nodes.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from onnx_prune.analysis.channels import Context, subgraph_reads
-from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.analysis.layers import attr, weight_axes
 from onnx_prune.analysis.positions import channel_axis, push_positions
-from onnx_prune.analysis.rule_basics import attr, block, describe, is_static, norm_axis
+from onnx_prune.analysis.rule_basics import axes_of, block, describe, is_static, norm_axis
 from onnx_prune.analysis.shape_values import (
     fixed_input, fold_scenarios, has_shapevec_input, keeps_count, reshape_target_follows, shape_rule, shapevec,
     shapevec_arith, shapevec_gather, shapevec_passthrough, shapevec_slice, slice_bound, static_channel_dim)
@@ -266,12 +266,10 @@ def reduce(ctx: Context, node: onnx.NodeProto) -> None:
             block(ctx, node, "reduces a shape")
         return
     rank = len(ctx.dims(node.input[0]) or [])
-    axes = attr(node, "axes", None)
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        axes = ctx.const(node.input[1])
-        if axes is None:
-            block(ctx, node, "reduces over axes that are not constant")
-            return
+    axes, known = axes_of(ctx, node)
+    if not known:
+        block(ctx, node, "reduces over axes that are not constant")
+        return
     if axes is None or len(axes) == 0:
         if attr(node, "noop_with_empty_axes", 0):
             ctx.set_layout(node.output[0], lay.axis, lay.ids)

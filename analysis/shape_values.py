@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from onnx_prune.analysis.channels import Context, CountConstraint, Elem
-from onnx_prune.analysis.rule_basics import attr, block, describe
+from onnx_prune.analysis.layers import attr
+from onnx_prune.analysis.rule_basics import block, describe
 from onnx_prune.runtime.shapes import EVALUATED as FOLDABLE, FOLD_LIMIT, evaluate
 
 INT64_MAX = 2**63 - 1

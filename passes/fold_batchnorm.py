@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import subgraph_reads
+from onnx_prune.analysis.layers import attr as _attribute
 from onnx_prune.passes.base import Pass, PassResult, copy_model
-
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def why_not_foldable(layer: onnx.NodeProto | None, bn: onnx.NodeProto, inits: dict, readers: dict[str, int],

@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, subgraph_reads
-from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.analysis.layers import attr, weight_axes
 from onnx_prune.passes.base import Pass, PassResult, copy_model
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import position_map
@@ -104,10 +104,10 @@ def _unfit(node: onnx.NodeProto, weights: dict, readers: dict[str, int]) -> str 
     if any(readers.get(n, 0) > 1 for n in node.input[1:] if n):
         return "a weight is shared with another node"
     if node.op_type == "Conv":
-        if w.ndim != 4 or next((a.i for a in node.attribute if a.name == "group"), 1) != 1:
+        if w.ndim != 4 or attr(node, "group", 1) != 1:
             return "only 2-D convs with group 1 are refitted"
     elif node.op_type == "Gemm":
-        if next((a.i for a in node.attribute if a.name == "transA"), 0):
+        if attr(node, "transA", 0):
             return "Gemm with transA"
     elif w.ndim != 2:
         return "MatMul with a batched weight"

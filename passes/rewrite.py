@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis
-from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.analysis.layers import attr, readers_of, weight_axes
 from onnx_prune.passes.allocate import kept_ids
 from onnx_prune.passes.base import Pass, PassResult, PreconditionError, copy_model
 from onnx_prune.passes.plan import Plan
@@ -99,10 +99,6 @@ def _read_shift(analysis: ChannelAnalysis, plan: Plan, node: onnx.NodeProto) -> 
     return out if np.any(out != 0) else None
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
     for a in list(node.attribute):
         if a.name == name:
@@ -115,15 +111,15 @@ def _bias_delta(node: onnx.NodeProto, weight: np.ndarray, shift: np.ndarray) -> 
     w = weight.astype(np.float64)
     if node.op_type == "Conv":
         n_out, per_group = w.shape[:2]
-        group = _attribute(node, "group", 1)
+        group = attr(node, "group", 1)
         taps = w.reshape(n_out, per_group, -1).sum(axis=2)
         by_group = shift.reshape(group, per_group)[np.arange(n_out) // (n_out // group)]
         return np.einsum("oi,oi->o", taps, by_group)
     if node.op_type == "ConvTranspose":
         taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
-        return shift @ taps / float(np.prod(_attribute(node, "strides", [1])))
+        return shift @ taps / float(np.prod(attr(node, "strides", [1])))
     # Gemm, MatMul (alpha 1): the weight read as (inputs, outputs)
-    return _attribute(node, "alpha", 1.0) * (shift @ np.moveaxis(w, weight_axes(node, w.ndim)[1], 0))
+    return attr(node, "alpha", 1.0) * (shift @ np.moveaxis(w, weight_axes(node, w.ndim)[1], 0))
 
 
 def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
@@ -136,10 +132,7 @@ def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
     graph = model.graph
     by_name = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for name in n.input:
-            readers[name].append(n)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list, readers_of(model))
     outputs = {o.name for o in graph.output}
     new_edits: dict[str, list] = {}
     for name in nodes:
@@ -155,7 +148,7 @@ def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
         if node.op_type in ("Conv", "ConvTranspose"):
             _add_to_input(node, 2, delta, *context)
         elif node.op_type == "Gemm":
-            beta = _attribute(node, "beta", 1.0)
+            beta = attr(node, "beta", 1.0)
             has_c = len(node.input) > 2 and bool(node.input[2])
             if not has_c or beta == 0:
                 if has_c:
@@ -308,10 +301,7 @@ def _apply_shape_edits(model: onnx.ModelProto, analysis: ChannelAnalysis, kept: 
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
-    readers = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            readers[name] += 1
+    readers = defaultdict(int, {name: len(nodes) for name, nodes in readers_of(model).items()})
     input_values: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
     computed: dict[tuple[str, int], tuple] = {}  # inputs computed at run time, replaced by constants
     for edit in analysis.shape_edits:

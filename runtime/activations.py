@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_prune.analysis.channels import ChannelAnalysis
+from onnx_prune.runtime.shapes import exposing
 
 CALIBRATION_CRITERIA = ("activation", "apoz")
 
@@ -30,11 +31,7 @@ def observed_tensors(model: onnx.ModelProto, analysis: ChannelAnalysis, group_id
 
 def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
     """A CPU session of `model` with the intermediate `tensors` exposed as extra graph outputs."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(exposing(model, tensors).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def _run(model: onnx.ModelProto, tensors: list[str], inputs: list[dict]) -> list[list[np.ndarray]]:

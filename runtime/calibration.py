@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import subgraph_reads
-from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.analysis.layers import attr, weight_axes
 
 FOLDS = 4
 POSITIONS = 64    # output positions sampled per sample and layer (all of them where there are fewer)
@@ -167,7 +167,7 @@ class Layer:
         return self.node.op_type
 
     def attr(self, name: str, default):
-        return next((helper.get_attribute_value(a) for a in self.node.attribute if a.name == name), default)
+        return attr(self.node, name, default)
 
     @property
     def bias_name(self) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_prune.analysis.layers import attr as _attr
 from onnx_prune.runtime.sessions import model_without_initializers
 
 SMALL_TENSOR_BYTES = 1024  # shape-carrying constants (Reshape targets, Slice bounds) are small; weights are not
@@ -69,13 +70,6 @@ def _dims(type_proto: onnx.TypeProto) -> list | None:
 
 
 # --- numpy evaluation of the ops shape computations use
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.dtype.kind in "iu" and b.dtype.kind in "iu":  # ONNX integer Div truncates toward zero
@@ -373,14 +367,20 @@ print(json.dumps({n: list(v.shape) for n, v in zip(names, session.run(names, fee
 """
 
 
+def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the intermediate `tensors` (those not already outputs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+    return probe
+
+
 def measure_shapes(model: onnx.ModelProto, names: list[str], feed: dict,
                    memory_limit: int = MEASURE_MEMORY_BYTES, timeout_s: float = 300) -> dict[str, tuple]:
     """Shapes of some intermediate tensors, measured by one onnxruntime run on `feed` in a child process whose
     address space is capped at `memory_limit` bytes.  Returns {} when the run fails for any reason."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    probe = exposing(model, names)
     with tempfile.TemporaryDirectory(prefix=".onnx-prune-measure-") as folder:
         model_path, feed_path = os.path.join(folder, "m.onnx"), os.path.join(folder, "feed.npz")
         onnx.save(probe, model_path, save_as_external_data=probe.ByteSize() > (1 << 30), location="m.onnx.data")
