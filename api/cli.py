@@ -210,6 +210,10 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     check.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                        help="concrete shape for an input with dynamic dims other than batch (generated inputs)")
     check.add_argument("--no-validate", action="store_true", help="skip the comparison with the original")
+    check.add_argument("--no-speed-check", action="store_true",
+                       help="do not time the result against the original (by default a quick check, about half a "
+                            "second of alternating runs on --provider at --latency-batch, warns loudly when the "
+                            "result is slower; skipped for originals over 1 GiB of weights)")
     gates = p.add_argument_group("gates (exit 4 and write nothing when one fails)")
     gates.add_argument("--min-agreement", type=float, metavar="A",
                        help="least top-1 agreement with the original, in [0, 1]")
@@ -475,25 +479,63 @@ def _gate_failures(args, validation) -> list[str]:
     return [f.message("--" + f.option.replace("_", "-")) for f in failures]
 
 
-def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict | None, list[str]]:
-    """With --min-speedup: time original and pruned in alternation (runtime.bench.check_speedup); the check's
-    record, and the gate failure if the speed-up is below the threshold."""
-    if options is None or getattr(options, "min_speedup", None) is None:
-        return None, []
-    from onnx_prune.runtime.bench import check_speedup
+SPEED_CHECK_BUDGET_S = 0.5          # timed runs of the default check (plus two sessions and a warm-up each)
+SPEED_CHECK_MAX_RUNS = 200          # timed pairs of the default check on small models (the budget decides)
+SPEED_CHECK_MAX_BYTES = 1 << 30     # originals with more weight bytes are not timed unless --min-speedup asks
 
-    console.notice(f"onnx-prune: timing the original and the pruned model on {options.provider} ...")
-    with console.muted():
-        check = check_speedup(prepared.model, model, provider=options.provider, threads=options.threads,
-                              batch=options.latency_batch, seed=options.seed,
-                              shapes=_parse_shapes(args.shape) or None)
-    message, status = check.verdict(options.min_speedup)
+
+def _weight_bytes(model) -> int:
+    """Bytes of the model's weights (those kept in the proto; external ones by their recorded length)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
+        total += length if length is not None else len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict | None, list[str]]:
+    """Never slower, loudly: time the original and the result in alternation (runtime.bench.check_speedup,
+    a quick budgeted check by default) and warn on stderr when the result is slower; with --min-speedup the
+    check's full run decides a gate.  Skipped with --no-speed-check, and by default for originals over
+    SPEED_CHECK_MAX_BYTES of weights; a model that cannot be timed (e.g. dynamic dims without --shape) is
+    reported as not measured, never as a failure, unless --min-speedup needs the figure.
+    Returns the check's record (None when skipped) and the gate failures."""
+    from onnx_prune.errors import PruneError
+    from onnx_prune.options import PruneOptions
+    from onnx_prune.runtime.bench import SLOWER_BELOW, check_speedup
+
+    opts = options if options is not None else PruneOptions()
+    min_speedup = getattr(opts, "min_speedup", None)
+    if min_speedup is None and getattr(args, "no_speed_check", False):
+        return None, []
+    if min_speedup is None and _weight_bytes(prepared.model) > SPEED_CHECK_MAX_BYTES:
+        reason = (f"the original has over {SPEED_CHECK_MAX_BYTES >> 30} GiB of weights; --min-speedup S times it "
+                  "anyway")
+        console.notice(f"onnx-prune: note: speed not measured: {reason}")
+        return {"measured": False, "reason": reason}, []
+    console.notice(f"onnx-prune: timing the original and the pruned model on {opts.provider} ...")
+    try:
+        with console.muted():
+            check = check_speedup(prepared.model, model, provider=opts.provider, threads=opts.threads,
+                                  batch=opts.latency_batch, seed=opts.seed, shapes=_parse_shapes(args.shape) or None,
+                                  warmup=3, repeat=20 if min_speedup is not None else SPEED_CHECK_MAX_RUNS,
+                                  budget_s=None if min_speedup is not None else SPEED_CHECK_BUDGET_S)
+    except Exception as err:  # noqa: BLE001 - timing is a check on a finished result: never a traceback
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        if min_speedup is not None:
+            raise PruneError(f"--min-speedup: cannot time the models ({reason}); give --shape for dynamic "
+                             "inputs") from None
+        console.notice(f"onnx-prune: note: speed not measured ({reason}); give --shape for dynamic inputs, "
+                       "or --no-speed-check")
+        return {"measured": False, "reason": reason}, []
+    message, status = check.verdict(min_speedup, slower_below=1.0 if min_speedup is not None else SLOWER_BELOW)
     console.result(check.summary())
+    record = dict(check.to_dict(), measured=True)
     if status:
-        return check.to_dict(), [f"speed-up {check.speedup:.2f}x is below --min-speedup {options.min_speedup:g}"]
+        return record, [f"speed-up {check.speedup:.2f}x is below --min-speedup {min_speedup:g}"]
     if message:
-        console.notice(message)
-    return check.to_dict(), []
+        print(message, file=sys.stderr)  # loud: even with --quiet
+    return record, []
 
 
 def _finish(args, console: Console, prepared, model, report, data, started: float, blend=None,

@@ -64,9 +64,10 @@ class PruneOptions:
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
     round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "
-                                 "to a multiple of 8 in groups whose layers do at least 1 M MACs per sample (without "
-                                 "a MAC count: groups of 32 channels or more), not at all in lighter ones, so that "
-                                 "CPU kernels keep their vector blocks where the time is; 'auto': the fastest width "
+                                 "to a multiple of 8 (16 in groups of 128 channels or more) where the group's layers "
+                                 "do at least 1 M MACs per sample (without a MAC count: groups of 32 channels or "
+                                 "more), not at all in lighter groups, so that CPU kernels keep their vector blocks "
+                                 "where the time is spent; 'auto': the fastest width "
                                  "at or just below it per the measured latency table (the default with "
                                  "--target-latency)", group=CHOICE, metavar="N|size|auto", type=round_to_value)
     exclude: list = option([], "node names (shell wildcards allowed) whose channel groups are left whole",

@@ -72,7 +72,7 @@ def _list(kind):
 
 
 def _round_to(text: str):
-    return text if text == "auto" else int(text)
+    return text if text in ("auto", "size") else int(text)
 
 
 def _default_threads() -> int:
@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=_list(float), default=[0.25, 0.5, 0.75],
                    help="comma-separated pruning ratios (share of each group's channels removed)")
     p.add_argument("--round-to", type=_list(_round_to), default=[1, 8],
-                   help="comma-separated round-to values (integers, or auto: the latency table's fastest widths)")
+                   help="comma-separated round-to values (integers; size: the default per-group rule; auto: the latency "
+                        "table's fastest widths)")
     p.add_argument("--target-latency", type=_list(float), default=[],
                    help="comma-separated latency targets (fraction of the original's measured latency): one row per "
                         "model, batch and target, next to MAC-targeted pruning at the same predicted latency")
@@ -125,8 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ratio in args.ratios:
         if not 0.0 < ratio < 1.0:
             p.error(f"--ratios: each ratio must be in (0, 1), got {ratio}")
-    if any(r != "auto" and r < 1 for r in args.round_to):
-        p.error(f"--round-to: values must be positive integers or auto, got {args.round_to}")
+    if any(r not in ("auto", "size") and r < 1 for r in args.round_to):
+        p.error(f"--round-to: values must be positive integers, size or auto, got {args.round_to}")
     if any(not 0.0 < f <= 1.0 for f in args.target_latency):
         p.error(f"--target-latency: each fraction must be in (0, 1], got {args.target_latency}")
     for name, values in (("--batch", args.batch),):

@@ -3,13 +3,16 @@
 Targets: a channel ratio, or a fraction of the original MACs or parameters to keep (reached within 1% where
 the rounding allows), or a fraction of the original's measured latency (greedy on the latency model's
 predictions, `runtime.latency_model`).  ``round_to="auto"``: each count becomes the fastest width at or just
-below it, per the latency model.  Allocation: ``uniform`` (the same share from every group) or ``global`` (one ranking
+below it, per the latency model.  ``round_to="size"`` (the default): a group whose width sets at least
+HEAVY_GROUP_MACS MACs per sample keeps a multiple of 8 (16 from 128 channels on), a lighter one is not
+rounded (`size_steps`).
+Allocation: ``uniform`` (the same share from every group) or ``global`` (one ranking
 of all channels, each score divided by its group's mean so that layers of different scale compare).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +29,20 @@ if TYPE_CHECKING:
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TARGET_TOLERANCE = 0.01
 
+# --round-to size.  Measured on the zoo (benchmarks/results/latency_targets/latency_round_to_cpu.md): counts
+# that are not multiples of 8 make onnxruntime's CPU kernels leave their blocked layouts (8 floats wide with
+# AVX2, 16 with AVX-512), and 13 of 22 pruned zoo models ran slower than their original at batch 1; with
+# multiples of 8, densenet121 still did (its 128-channel groups at 120 on an AVX-512 CPU).  Rounding matters
+# only where a layer's arithmetic outweighs the per-node overhead: the committed fixtures' groups set at most
+# 0.16 M MACs each, the zoo's conv groups at least 1.8 M (its squeeze-excitation FCs 0.1-0.5 M), so the line
+# sits at 1 M.  A heavy group rounds to the power of two nearest below an eighth of its width, kept within
+# [SIZE_STEP, MAX_SIZE_STEP]: 8 below 128 channels, 16 from 128 on (a step of at most an eighth of the group).
+SIZE_RULE = "size"
+SIZE_STEP = 8
+MAX_SIZE_STEP = 16
+HEAVY_GROUP_MACS = 1_000_000     # MACs per sample of the layers a group's width sets: at or above, heavy
+HEAVY_GROUP_CHANNELS = 32        # where MACs cannot be counted (dynamic shapes): this wide counts as heavy
+
 
 def kept_count(size: int, ratio: float, round_to: int = 1, n_frozen: int = 0) -> int:
     """Channels a group of `size` keeps at `ratio`, rounded up to a multiple of `round_to`, never zero."""
@@ -38,6 +55,41 @@ def round_kept(size: int, keep: int, round_to: int | str = 1, n_frozen: int = 0)
     if isinstance(round_to, int) and round_to > 1:
         keep = max(round_to, math.ceil(keep / round_to) * round_to)
     return int(min(size, max(keep, n_frozen, 1)))
+
+
+def group_macs(analysis: ChannelAnalysis, cost: "CostModel") -> np.ndarray:
+    """Per group, the MACs (per sample, at the cost model's shapes) of the layers whose widths it sets: a
+    layer counts whole for every group along any of its weight's axes."""
+    per_id = np.zeros(len(analysis.id_group))
+    for macs, axes in cost.mac_terms:
+        for ids in axes:
+            per_id[ids] += macs / len(ids)  # each channel along the axis carries an equal share
+    return np.bincount(analysis.id_group, weights=per_id, minlength=len(analysis.groups))
+
+
+def heavy_step(size: int) -> int:
+    """A heavy group's rounding: the power of two at or below size / 8, within [SIZE_STEP, MAX_SIZE_STEP]."""
+    return max(SIZE_STEP, min(MAX_SIZE_STEP, 1 << max(0, (size // 8).bit_length() - 1)))
+
+
+def size_steps(analysis: ChannelAnalysis, cost: "CostModel | None") -> dict[int, int]:
+    """--round-to size: `heavy_step` for a group whose width sets at least HEAVY_GROUP_MACS MACs per sample
+    (without a cost model: a group of at least HEAVY_GROUP_CHANNELS channels), 1 for a lighter one."""
+    if cost is None or not cost.macs:
+        heavy = {g.id: g.size >= HEAVY_GROUP_CHANNELS for g in analysis.groups}
+    else:
+        macs = group_macs(analysis, cost)
+        heavy = {g.id: macs[g.id] >= HEAVY_GROUP_MACS for g in analysis.groups}
+    return {g.id: heavy_step(g.size) if heavy[g.id] else 1 for g in analysis.groups}
+
+
+def round_steps(analysis: ChannelAnalysis, cost: "CostModel | None", round_to: int | str) -> dict[int, int]:
+    """The multiple each group's kept count is rounded up to: `round_to` for all (an integer), per group
+    (SIZE_RULE), or 1 ("auto", where the latency model picks widths)."""
+    if round_to == SIZE_RULE:
+        return size_steps(analysis, cost)
+    step = round_to if isinstance(round_to, int) and not isinstance(round_to, bool) else 1
+    return {g.id: step for g in analysis.groups}
 
 
 def select_top(scores: np.ndarray, frozen: np.ndarray, n_keep: int) -> np.ndarray:
@@ -102,11 +154,15 @@ class Allocator:
     analysis: ChannelAnalysis
     scores: dict[int, np.ndarray]        # group id -> score per channel, for the groups that may shrink
     cost: CostModel | None = None
-    round_to: int = 1
+    round_to: int | str = 1              # a multiple for every group, SIZE_RULE (per group) or "auto"
     max_ratio: float = 1.0               # at most this share of a group goes
     cap: dict[int, int] | None = None    # group -> most channels it may keep (e.g. what merging left)
     comparable: bool = False             # scores share units across groups: global ranking uses them as they are
     latency: "LatencyModel | None" = None  # runtime.latency_model: for latency targets and round_to="auto"
+    steps: dict[int, int] = field(init=False, repr=False)  # group -> its kept count's multiple (round_steps)
+
+    def __post_init__(self):
+        self.steps = round_steps(self.analysis, self.cost, self.round_to)
 
     def _floor(self, group) -> int:
         """Fewest channels a group may keep."""
@@ -122,14 +178,14 @@ class Allocator:
             if self.cap and gid in self.cap:
                 n_keep = min(n_keep, self.cap[gid])
             floor = self._floor(group)
-            n_keep = round_kept(group.size, max(n_keep, floor), self.round_to, int(group.frozen.sum()))
+            n_keep = round_kept(group.size, max(n_keep, floor), self.steps[gid], int(group.frozen.sum()))
             if snap and self.round_to == "auto" and self.latency is not None and n_keep < group.size:
                 n_keep = self.latency.fastest_width(gid, n_keep, n_keep, at_least=floor)
             out[gid] = n_keep
         return out
 
-    def _step(self) -> int:
-        return self.round_to if isinstance(self.round_to, int) else 1
+    def _step(self, gid: int) -> int:
+        return self.steps[gid]
 
     def plan_for_counts(self, counts: dict[int, int], select=None, snap: bool = True) -> Plan:
         plan = Plan()
@@ -241,8 +297,9 @@ class Allocator:
             down = fraction > goal
             moves = []
             for gid, n in sorted(counts.items()):
-                new = self.settle({gid: n - self._step() if down else n + self._step()}, snap=False)[gid]
-                if new == n or (not down and new > n + self._step()):
+                step = self._step(gid)
+                new = self.settle({gid: n - step if down else n + step}, snap=False)[gid]
+                if new == n or (not down and new > n + step):
                     continue
                 lo, hi = min(n, new), max(n, new)
                 value = float(ranked[gid][lo:hi].mean()) if hi > lo else 0.0
@@ -284,7 +341,8 @@ class Allocator:
             cap = self.cap.get(gid) if self.cap else None
             groups[gid] = GroupChoice(group.size, self._floor(group), self.normalised(gid),
                                       group.frozen, cap)
-        return self.latency.target_counts(groups, fraction, self.round_to)
+        return self.latency.target_counts(groups, fraction, "auto" if self.round_to == "auto" else
+                                          {gid: self.steps[gid] for gid in groups})
 
     def _normalised_ranking(self, gid: int) -> np.ndarray:
         """Group-normalised scores, frozen channels first (kept always), then the others best first: the

@@ -364,10 +364,13 @@ def window_below(count: int) -> int:
 def step_candidates(model: LatencyModel, gid: int, count: int, floor: int, round_to,
                     counts: dict[int, int]) -> list[int]:
     """Counts a group may step down to from `count`: with round_to="auto" the fastest width just below
-    (`fastest_width`) and the next AUTO_HOPS - 1 fastest widths below that one, else every multiple of `round_to` within the window below (at least the next one), so
+    (`fastest_width`) and the next AUTO_HOPS - 1 fastest widths below that one, else every multiple of `round_to`
+    (one integer, or a dict: group -> its multiple) within the window below (at least the next one), so
     that a step may jump over widths the kernels handle badly.  Never below `floor`; empty at the floor."""
     if count <= floor:
         return []
+    if isinstance(round_to, dict):  # a multiple per group (--round-to size)
+        round_to = round_to.get(gid, 1)
     if round_to == "auto":  # the fastest width below, and the fastest below that...: a step may skip a slow one
         chain, width = [], count
         while width > floor and len(chain) < AUTO_HOPS:
@@ -387,9 +390,10 @@ def latency_counts(model: LatencyModel, groups: dict[int, GroupChoice], target_m
     that save no time are never taken; when none is left the counts stop where they are (the caller reports
     the predicted latency).  Deterministic: ties go to the lower group id."""
     counts = {gid: g.start for gid, g in groups.items()}
-    if round_to != "auto" and int(round_to) > 1:  # start from counts the rounding allows
-        counts = {gid: min(g.size, max(g.floor, math.ceil(k / int(round_to)) * int(round_to)))
-                  for gid, (g, k) in ((gid, (groups[gid], k)) for gid, k in counts.items())}
+    if round_to != "auto":  # start from counts the rounding allows
+        steps = round_to if isinstance(round_to, dict) else {gid: int(round_to) for gid in groups}
+        counts = {gid: min(g.size, max(g.floor, math.ceil(counts[gid] / steps.get(gid, 1)) * steps.get(gid, 1)))
+                  for gid, g in groups.items()}
     costs = {gid: g.removal_costs() for gid, g in groups.items()}
     frozen_n = {gid: int(g.frozen.sum()) if g.frozen is not None else 0 for gid, g in groups.items()}
     neighbours: dict[int, set[int]] = {gid: set() for gid in groups}

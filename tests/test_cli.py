@@ -199,3 +199,85 @@ def test_repair_with_too_little_calibration_data_is_a_clear_error(tmp_path, caps
     np.savez(data, x=np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32))
     code, _, err = _run(capsys, fixture_path("residual_add"), tmp_path / "o.onnx", "--repair", "--calib", data)
     assert code == 1 and "--repair:" in err and "Traceback" not in err
+
+
+def _conv_chain(path, width: int, hw=(32, 32)):
+    """x[N,3,H,W] -> Conv(3->width, 3x3) -> Relu -> Conv(width->4, 1x1): the same signature at any width, so a
+    wide one does the same job with many more MACs (a deliberately slower "result")."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((4, width, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    dims = ["N", 3, *hw]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, *hw])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _speed_check(tmp_path, capsys, original_width: int, result_width: int, **options):
+    """The CLI's never-slower check (cli._speed_gate): an `original_width`-wide chain against a `result_width`-wide
+    one as the "result"."""
+    import argparse
+
+    import onnx_prune
+    from onnx_prune.cli import Console, _speed_gate
+    from onnx_prune.options import PruneOptions
+
+    prepared = onnx_prune.prepare(str(_conv_chain(tmp_path / "original.onnx", original_width)))
+    result = onnx.load(str(_conv_chain(tmp_path / "result.onnx", result_width)))
+    args = argparse.Namespace(shape=[], no_speed_check=False)
+    record, failures = _speed_gate(args, PruneOptions(threads=1, **options), prepared, result, Console())
+    return record, failures, capsys.readouterr()
+
+
+def test_speed_check_warns_loudly_when_the_result_is_slower(tmp_path, capsys):
+    record, failures, (out, err) = _speed_check(tmp_path, capsys, original_width=4, result_width=256)
+    assert record["measured"] and record["speedup"] < 0.5 and record["runs"] >= 5
+    assert failures == []  # a warning, not a failure
+    assert "WARNING: the pruned model is SLOWER than the original" in err and "speed-up" in out
+
+
+def test_speed_check_is_quiet_when_the_result_is_faster(tmp_path, capsys):
+    record, failures, (_, err) = _speed_check(tmp_path, capsys, original_width=256, result_width=4)
+    assert record["speedup"] > 2 and failures == [] and "WARNING" not in err
+
+
+def test_speed_check_below_min_speedup_is_a_gate_failure(tmp_path, capsys):
+    record, failures, (_, err) = _speed_check(tmp_path, capsys, original_width=4, result_width=256,
+                                              min_speedup=1.0)
+    assert record["speedup"] < 1 and failures and "below --min-speedup 1" in failures[0]
+
+
+def test_min_speedup_fails_with_exit_4_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, _, err = _run(capsys, fixture_path("residual_add"), out, "--min-speedup", "1000", "--threads", "1")
+    assert code == 4 and "--min-speedup 1000" in err and "nothing written" in err and not out.exists()
+
+
+def test_prune_times_the_result_by_default_and_not_with_no_speed_check(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    code, out, err = _run(capsys, fixture_path("se"), tmp_path / "a.onnx", "--report", report, "--threads", "1")
+    assert code == 0, err
+    speed = json.loads(report.read_text())["speed"]
+    assert speed["measured"] and speed["runs"] >= 5 and speed["original_ms"] > 0 and "speed-up" in out
+    code, out, err = _run(capsys, fixture_path("se"), tmp_path / "b.onnx", "--report", report, "--no-speed-check")
+    assert code == 0, err
+    assert "speed" not in json.loads(report.read_text()) and "timing" not in err
+
+
+def test_dynamic_shapes_without_shape_are_not_timed_but_still_pruned(tmp_path, capsys):
+    model = _conv_chain(tmp_path / "dynamic.onnx", 16, hw=("H", "W"))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = _run(capsys, model, out, "--ratio", "0.5", "--no-validate", "--report", report)
+    assert code == 0, err
+    assert "speed not measured" in err and "--shape" in err and "Traceback" not in err
+    assert out.exists() and json.loads(report.read_text())["speed"]["measured"] is False
+    # --min-speedup needs the figure: a one-line error, nothing written
+    code, _, err = _run(capsys, model, tmp_path / "p.onnx", "--ratio", "0.5", "--no-validate", "--min-speedup", "1")
+    assert code == 1 and "--min-speedup: cannot time the models" in err and not (tmp_path / "p.onnx").exists()
