@@ -1,4 +1,4 @@
-"""Data-free saliency of every channel of a group.
+"""Saliency of every channel of a group: every criterion, the data-free ones and those measured on calibration data.
 
 A *criterion* scores the filters of one layer: rows of a matrix (one row per output position, bias as the last
 column).  A BatchNormalization after the layer enters as a factor |gamma| on the raw filters' scores (bn_mode
@@ -19,6 +19,10 @@ through the activation, or measured) times the consumer's squared weights -- the
 channel once compensation puts its mean in the consumers' biases.  Its scores share units across groups
 (`comparable_across_groups`).  ``similarity`` / ``nystrom``: distance to the nearest filter prototype, exact or
 through the Nystrom approximation (landmarks default to the prototypes' rank; the measured error is noted).
+
+Calibration criteria (`CALIBRATION_CRITERIA`: ``activation``, ``apoz``) score what a group's consumers read on
+calibration data; `calibration_scores` has the model run for them by `runtime.activations` (imported on first
+use).
 """
 from __future__ import annotations
 
@@ -220,6 +224,32 @@ BN_CRITERION = "bn"  # |gamma| of the BatchNormalizations on each channel (l2 wh
 VARIANCE_CRITERION = "bnvar"  # Var[what consumers read] x their squared weights: output error after compensation
 CRITERION_NAMES = tuple(CRITERIA) + (BN_CRITERION, VARIANCE_CRITERION)
 COMPARABLE_ACROSS_GROUPS = frozenset({VARIANCE_CRITERION})
+
+
+# --- criteria measured on calibration data: `values` holds, per position of the channel axis of a tensor a
+# group's consumers read, its values over every sample and pixel
+
+def mean_activation(values: np.ndarray) -> np.ndarray:
+    """``activation``: mean |activation| (high = keep)."""
+    return np.abs(values).mean(axis=1)
+
+
+def apoz(values: np.ndarray) -> np.ndarray:
+    """``apoz``: 1 - average percentage of zeros (a channel that is mostly 0 after a Relu goes first)."""
+    return 1 - (values == 0).mean(axis=1)
+
+
+MEASURED_CRITERIA: dict[str, Callable[[np.ndarray], np.ndarray]] = {"activation": mean_activation, "apoz": apoz}
+CALIBRATION_CRITERIA = tuple(MEASURED_CRITERIA)
+
+
+def calibration_scores(model: onnx.ModelProto, analysis, group_ids, inputs: list[dict],
+                       criterion: str) -> dict[int, np.ndarray]:
+    """Per-channel scores of a calibration criterion for the groups that have an observable consumer input
+    (the others are left out: callers fall back to l2), measured by running `model` on `inputs` (feed dicts)."""
+    from onnx_prune.runtime.activations import measured_scores
+
+    return measured_scores(model, analysis, group_ids, inputs, MEASURED_CRITERIA[criterion])
 
 
 def comparable_across_groups(criterion: str) -> bool:

@@ -37,12 +37,12 @@ from scipy.optimize import differential_evolution
 from onnx_prune.analysis.blend import (CALIBRATION_POOL, DEFAULT_POOL, DEFAULT_THRESHOLD, PoolScores,
                                        blend_scores, summarize_clusters, unit_scores)
 from onnx_prune.analysis.channels import ChannelAnalysis
-from onnx_prune.analysis.criteria import CRITERION_NAMES, Scoring, channel_scores
+from onnx_prune.analysis.criteria import (CALIBRATION_CRITERIA, CRITERION_NAMES, Scoring, calibration_scores,
+                                          channel_scores)
 from onnx_prune.errors import PruneError
 from onnx_prune.passes.allocate import Allocator, CostModel, Target, kept_ids
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
-from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
 from onnx_prune.runtime.cost import count_cost
 from onnx_prune.runtime.fidelity import load_npz_inputs, make_inputs, relative_error
 

@@ -359,8 +359,7 @@ def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
 
 def _known_values() -> dict[str, list[str]]:
     """The names `--method`, `--criterion` and `--aggregate` accept, for did-you-mean."""
-    from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES
-    from onnx_prune.runtime.activations import CALIBRATION_CRITERIA
+    from onnx_prune.analysis.criteria import AGGREGATIONS, CALIBRATION_CRITERIA, CRITERION_NAMES
 
     try:
         from onnx_prune.methods import METHODS

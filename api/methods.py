@@ -221,7 +221,7 @@ def _flag(name: str, constraints: Constraints) -> str:
 
 def criterion_scores(given: MethodInput) -> dict[int, np.ndarray]:
     """Per shrinking group, the chosen criterion aggregated over the group (calibration criteria measured)."""
-    from onnx_prune.runtime.activations import CALIBRATION_CRITERIA, calibration_scores
+    from onnx_prune.analysis.criteria import CALIBRATION_CRITERIA, calibration_scores
 
     opts, analysis = given.opts, given.prepared.analysis
     if opts.criterion in CALIBRATION_CRITERIA:

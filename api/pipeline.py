@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
-from onnx_prune.analysis.criteria import AGGREGATIONS, CRITERION_NAMES
+from onnx_prune.analysis.criteria import AGGREGATIONS, CALIBRATION_CRITERIA, CRITERION_NAMES
 from onnx_prune.errors import PruneError, spelled_for_caller
 from onnx_prune.options import PruneOptions
 
@@ -22,7 +22,6 @@ from onnx_prune.passes.constraints import ALLOCATIONS, Constraints, Target
 from onnx_prune.passes.normalize import NormalizeWeightsPass
 from onnx_prune.passes.plan import Plan
 from onnx_prune.passes.rewrite import ApplyPlanPass
-from onnx_prune.runtime.activations import CALIBRATION_CRITERIA
 from onnx_prune.runtime import io
 from onnx_prune.runtime.cost import Cost, count_cost
 from onnx_prune.runtime.shapes import infer_shapes

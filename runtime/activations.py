@@ -1,9 +1,9 @@
-"""Channel statistics from calibration data: the tensors a group's consumers read, run with onnxruntime.
-
-- ``activation``: mean |activation| per channel (high = keep);
-- ``apoz``: 1 - average percentage of zeros per channel (a channel that is mostly 0 after a Relu goes first).
+"""Running the model on calibration data for the measured criteria (`analysis.criteria.CALIBRATION_CRITERIA`,
+defined there): the tensors a group's consumers read, exposed and run with onnxruntime, reduced per channel.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -11,8 +11,6 @@ import onnxruntime as ort
 
 from onnx_prune.analysis.channels import ChannelAnalysis
 from onnx_prune.runtime.shapes import exposing
-
-CALIBRATION_CRITERIA = ("activation", "apoz")
 
 
 def observed_tensors(model: onnx.ModelProto, analysis: ChannelAnalysis, group_ids) -> dict[int, str]:
@@ -39,9 +37,11 @@ def _run(model: onnx.ModelProto, tensors: list[str], inputs: list[dict]) -> list
     return [session.run(tensors, feed) for feed in inputs]
 
 
-def calibration_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, group_ids, inputs: list[dict],
-                       criterion: str) -> dict[int, np.ndarray]:
-    """Per-channel scores of the groups that have an observable consumer input."""
+def measured_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, group_ids, inputs: list[dict],
+                    per_position: Callable[[np.ndarray], np.ndarray]) -> dict[int, np.ndarray]:
+    """Per-channel scores of the groups that have an observable consumer input: `per_position` (a criterion of
+    `analysis.criteria.MEASURED_CRITERIA`) of the values at each position of the observed tensor's channel
+    axis, averaged over the positions of each channel."""
     tensors = observed_tensors(model, analysis, group_ids)
     names = sorted(set(tensors.values()))
     runs = _run(model, names, inputs)
@@ -50,12 +50,12 @@ def calibration_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, group_
         layout = analysis.layouts[tensor]
         values = np.concatenate([np.moveaxis(run[names.index(tensor)], layout.axis, 0).reshape(len(layout.ids), -1)
                                  for run in runs], axis=1)
-        per_position = np.abs(values).mean(axis=1) if criterion == "activation" else 1 - (values == 0).mean(axis=1)
+        scored = per_position(values)
         group = analysis.groups[gid]
         in_group = analysis.id_group[layout.ids] == gid
         channels = analysis.id_channel[layout.ids[in_group]]
         total, count = np.zeros(group.size), np.zeros(group.size)
-        np.add.at(total, channels, per_position[in_group])
+        np.add.at(total, channels, scored[in_group])
         np.add.at(count, channels, 1)
         score = total / np.maximum(count, 1)
         score[count == 0] = score.max() if count.any() else 0.0  # channels this tensor does not show: keep

@@ -314,6 +314,32 @@ def test_calibration_criteria_drop_a_dead_channel_first(tmp_path):
         assert len(kept) == 3 and 2 not in kept
 
 
+
+def test_calibration_criteria_are_listed_and_scored_by_the_criteria_registry():
+    """analysis.criteria lists every criterion (data-free and calibration ones) and dispatches the calibration
+    ones to their measurement: per channel, the mean |x| (activation) and 1 - share of zeros (apoz) of what the
+    group's consumer reads, here computed directly from onnxruntime on the Relu output."""
+    import onnxruntime as ort
+
+    from onnx_prune.analysis.criteria import CALIBRATION_CRITERIA, CRITERION_NAMES, calibration_scores
+
+    assert set(CALIBRATION_CRITERIA) == {"activation", "apoz"}
+    assert not set(CALIBRATION_CRITERIA) & set(CRITERION_NAMES)
+    prepared = prepare(dead_channel_model())
+    group = next(g for g in prepared.analysis.groups if "conv1" in g.nodes("producer"))
+    feeds = feeds_for(prepared.model, seed=0, batch=1, samples=5)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(prepared.model)
+    probe.graph.output.append(onnx.ValueInfoProto(name="r1"))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    read = np.concatenate([session.run(["r1"], feed)[0] for feed in feeds])  # (samples, 8, 8, 8)
+    per_channel = np.moveaxis(read, 1, 0).reshape(8, -1)
+    expected = {"activation": np.abs(per_channel).mean(axis=1), "apoz": 1 - (per_channel == 0).mean(axis=1)}
+    for criterion in CALIBRATION_CRITERIA:
+        scores = calibration_scores(prepared.model, prepared.analysis, [group.id], feeds, criterion)
+        assert np.allclose(scores[group.id], expected[criterion], rtol=1e-6), criterion
+
+
 # --- bnvar: the variance of what consumers read, times their squared weights
 
 def dead_channel_model(dead=3, channels=8, seed=0):
