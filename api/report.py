@@ -76,7 +76,23 @@ def target_lines(report) -> list[str]:
         lines.append("achieved: " + ", ".join(kept))
     if record.get("limited_by"):
         lines.append(f"the target was not reached: {record['limited_by']}")
-    return lines
+    rounding = rounding_line(_as_dict(report).get("options", {}).get("round_to"))
+    return lines + ([rounding] if rounding else [])
+
+
+def rounding_line(round_to) -> str | None:
+    """How kept counts were rounded (--round-to), in words; None when they were not."""
+    from onnx_prune.passes.allocate import HEAVY_GROUP_MACS, MAX_SIZE_STEP, SIZE_RULE, SIZE_STEP
+
+    if round_to == SIZE_RULE:
+        return (f"rounding (--round-to size): multiples of {SIZE_STEP} ({MAX_SIZE_STEP} from {8 * MAX_SIZE_STEP} "
+                f"channels) in groups whose layers do >= {human(HEAVY_GROUP_MACS)} MACs per sample, none in lighter "
+                "groups")
+    if round_to == "auto":
+        return "rounding (--round-to auto): the fastest widths of the latency table"
+    if isinstance(round_to, int) and round_to > 1:
+        return f"rounding (--round-to {round_to}): multiples of {round_to}"
+    return None
 
 
 def cost_line(report) -> str:

@@ -7,7 +7,9 @@ the speed-up over the original and the efficiency = speed-up / MAC reduction.
 
 Writes ``<out-dir>/latency_<provider>.md`` (the table, also printed on stdout) and
 ``<out-dir>/latency_<provider>.json`` (raw numbers, machine, versions, command line) for each
-provider measured.  Progress goes to stderr, one line per measurement.
+provider measured.  Progress goes to stderr, one line per measurement.  ``--round-to-study`` instead writes
+``<out-dir>/latency_round_to_cpu[_b<batch>].md/.json``: per model, ratio and round-to, the pruned model timed in
+alternation with its original (speed-up, MAC reduction, and per round-to the slowest case and medians).
 
 Timings on a small machine are only meaningful while nothing else runs.  Each measurement
 therefore records the share of CPU time other processes used meanwhile (from /proc/stat); a
@@ -415,23 +417,28 @@ def round_to_study(paths: dict, args) -> tuple[str, list[dict]]:
                       file=sys.stderr, flush=True)
     header = "| model | " + " | ".join(f"r={r:g} rt={t}" for r in args.ratios for t in args.round_to) + " |"
     lines = [f"## Speed-up over the original by round-to (CPU, batch {batch}, {args.threads} threads, "
-             f"{args.repeat} alternating runs each)", "", header,
+             f"{args.repeat} alternating runs each)", "",
+             "Each cell: measured speed-up / MAC reduction (MACs before / after); efficiency = their quotient.", "",
+             header,
              "|---|" + "---:|" * (len(args.ratios) * len(args.round_to))]
     for model in paths:
         cells = []
         for ratio in args.ratios:
             for round_to in args.round_to:
                 r = next(x for x in rows if x["model"] == model and x["ratio"] == ratio and x["round_to"] == round_to)
-                cells.append(f"{r['speedup']:.2f}x" + (" **slower**" if r["speedup"] < 1 else ""))
+                cells.append(f"{r['speedup']:.2f}x / {r['mac_reduction']:.2f}x" + (" **slower**" if r["speedup"] < 1 else ""))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "| round-to | slowest speed-up | cases slower than the original | median efficiency |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "| round-to | slowest speed-up | cases slower than the original | median MAC reduction | "
+                  "median speed-up | median efficiency |", "|---|---:|---:|---:|---:|---:|"]
     for round_to in args.round_to:
         mine = [r for r in rows if r["round_to"] == round_to]
         slowest = min(mine, key=lambda r: r["speedup"])
         efficiency = float(np.median([r["speedup"] / r["mac_reduction"] for r in mine]))
+        reduction = float(np.median([r["mac_reduction"] for r in mine]))
+        speedup = float(np.median([r["speedup"] for r in mine]))
         lines.append(f"| {round_to} | {slowest['speedup']:.2f}x ({slowest['model']} r={slowest['ratio']:g}) | "
-                     f"{sum(r['speedup'] < 1 for r in mine)} of {len(mine)} | {efficiency:.2f} |")
+                     f"{sum(r['speedup'] < 1 for r in mine)} of {len(mine)} | {reduction:.2f}x | {speedup:.2f}x | "
+                     f"{efficiency:.2f} |")
     return "\n".join(lines), rows
 
 
@@ -461,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"after, on {os.cpu_count()} CPUs ({cpu_model()}, onnxruntime {runtime_versions()['onnxruntime']})"])
         print(text)
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "latency_round_to_cpu.md").write_text(text + "\n")
-        (args.out_dir / "latency_round_to_cpu.json").write_text(json.dumps(
+        stem = "latency_round_to_cpu" + ("" if args.batch[0] == 1 else f"_b{args.batch[0]}")
+        (args.out_dir / f"{stem}.md").write_text(text + "\n")
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(
             {"command": command, "started_utc": started_at, "git": git_state(), "rows": rows,
              "load_average_start": load_start, "load_average_end": load_average()}, indent=1) + "\n")
         return 0

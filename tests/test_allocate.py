@@ -88,3 +88,93 @@ def test_comparable_scores_rank_across_groups_as_they_are():
 def test_bad_options_are_refused(kwargs, words):
     with pytest.raises(onnx_prune.PruneError, match=words):
         onnx_prune.prune(fixture_path("se"), **kwargs)
+
+
+# --- the default rounding, --round-to size -----------------------------------------------------------------
+
+
+def _chain(path, width: int, hw: int):
+    """x[1,3,hw,hw] -> Conv(3->width, 3x3) -> Relu -> Conv(width->4, 1x1) -> output: one prunable group of
+    `width` channels whose layers do width * (27 + 4) * hw^2 MACs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((4, width, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, hw, hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hw, hw])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _cost_model(prepared):
+    from onnx_prune.passes.allocate import CostModel
+    from onnx_prune.runtime.cost import count_cost
+
+    cost = count_cost(prepared.model)
+    return CostModel.of(prepared.model, prepared.analysis, {n: c.macs for n, c in cost.per_node.items()})
+
+
+@pytest.mark.parametrize("size, step", [(4, 8), (16, 8), (64, 8), (127, 8), (128, 16), (255, 16), (2048, 16)])
+def test_heavy_step_is_a_power_of_two_near_an_eighth_of_the_group_between_8_and_16(size, step):
+    from onnx_prune.passes.allocate import heavy_step
+
+    assert heavy_step(size) == step
+
+
+@pytest.mark.parametrize("hw, step", [(64, 8), (8, 1)])
+def test_size_rule_rounds_a_group_by_the_macs_its_width_sets(tmp_path, hw, step):
+    from onnx_prune.passes.allocate import HEAVY_GROUP_MACS, group_macs, size_steps
+
+    prepared = prepare(_chain(tmp_path / "chain.onnx", 16, hw))
+    cost = _cost_model(prepared)
+    group = next(g for g in prepared.analysis.groups if g.size == 16)
+    assert group_macs(prepared.analysis, cost)[group.id] == 16 * (27 + 4) * hw * hw  # both convs, whole
+    assert (16 * 31 * hw * hw >= HEAVY_GROUP_MACS) == (step == 8)
+    assert size_steps(prepared.analysis, cost)[group.id] == step
+    # the default is this rule: 16 channels at ratio 0.6 keep 7, rounded up to 8 where the group is heavy
+    _, report = onnx_prune.prune(prepared, ratio=0.6, criterion="l2")
+    assert report.options["round_to"] == "size"
+    assert next(g.kept for g in report.groups if g.size == 16) == (8 if step == 8 else 7)
+
+
+def test_size_rule_without_a_mac_count_goes_by_width():
+    from onnx_prune.passes.allocate import HEAVY_GROUP_CHANNELS, heavy_step, size_steps
+
+    analysis = prepare(fixture_path("residual_add")).analysis
+    steps = size_steps(analysis, None)
+    assert steps == {g.id: heavy_step(g.size) if g.size >= HEAVY_GROUP_CHANNELS else 1 for g in analysis.groups}
+
+
+def test_size_rule_leaves_the_committed_fixtures_unrounded():
+    """Their groups set at most 0.16 M MACs each: the default prunes them exactly as round_to=1 does."""
+    from onnx_prune.passes.allocate import size_steps
+    from onnx_prune.runtime.cost import count_cost
+
+    checked = 0
+    for path in sorted(fixture_path("se").parent.glob("*.onnx")):
+        prepared = prepare(path)
+        try:
+            count_cost(prepared.model)
+        except ValueError:  # dynamic spatial dims: no MAC count
+            continue
+        assert set(size_steps(prepared.analysis, _cost_model(prepared)).values()) == {1}, path.name
+        checked += 1
+    assert checked >= 15
+    default, _ = onnx_prune.prune(fixture_path("residual_add"), ratio=0.3)
+    unrounded, _ = onnx_prune.prune(fixture_path("residual_add"), ratio=0.3, round_to=1)
+    assert default.SerializeToString() == unrounded.SerializeToString()
+
+
+def test_default_rounding_reaches_a_mac_target_within_one_percent_on_mobilenet_v2():
+    from conftest import zoo_model
+    from onnx_prune.passes.allocate import heavy_step
+
+    _, report = onnx_prune.prune(zoo_model("mobilenet_v2", "torchscript"), target_macs=0.7, criterion="l2")
+    assert abs(report.macs_after / report.macs_before - 0.7) <= 0.007
+    shrunk = [g for g in report.groups if g.kept < g.size]
+    assert shrunk and all(g.kept % heavy_step(g.size) == 0 for g in shrunk)  # every conv group here is heavy

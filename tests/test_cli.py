@@ -266,6 +266,7 @@ def test_prune_times_the_result_by_default_and_not_with_no_speed_check(tmp_path,
     assert code == 0, err
     speed = json.loads(report.read_text())["speed"]
     assert speed["measured"] and speed["runs"] >= 5 and speed["original_ms"] > 0 and "speed-up" in out
+    assert "rounding (--round-to size): multiples of 8" in out  # the default rule, in words
     code, out, err = _run(capsys, fixture_path("se"), tmp_path / "b.onnx", "--report", report, "--no-speed-check")
     assert code == 0, err
     assert "speed" not in json.loads(report.read_text()) and "timing" not in err
