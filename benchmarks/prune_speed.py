@@ -1,6 +1,7 @@
 """Pruning time against the cost of just reading and writing the same file.
 
     python benchmarks/prune_speed.py [--model models/zoo/resnet50_torchscript.onnx] [--ratio 0.5] [--repeat 3]
+        [--criterion bnvar]
 
 Prints the median of each and their ratio; the target is well under 2x (issue: core pass, "Speed").
 """
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=str(ROOT / "models" / "zoo" / "resnet50_torchscript.onnx"))
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--criterion", default=None, help="channel criterion (default: prune's default)")
     args = parser.parse_args(argv)
     model = Path(args.model)
     if not model.exists():
@@ -34,12 +36,14 @@ def main(argv=None) -> int:
         io_time, _ = median_time(lambda: onnx.save(onnx.load(str(model)), str(out)), args.repeat)
 
         def prune_step():
-            pruned, _ = onnx_prune.prune(str(model), ratio=args.ratio)
+            options = {"criterion": args.criterion} if args.criterion else {}
+            pruned, _ = onnx_prune.prune(str(model), ratio=args.ratio, **options)
             save(pruned, out, input_path=model)
 
         prune_time, _ = median_time(prune_step, args.repeat)
     size_mb = model.stat().st_size / 1e6
-    print(f"model {model.name} ({size_mb:.0f} MB), ratio {args.ratio}, median of {args.repeat}")
+    criterion = args.criterion or onnx_prune.PruneOptions().criterion
+    print(f"model {model.name} ({size_mb:.0f} MB), ratio {args.ratio}, criterion {criterion}, median of {args.repeat}")
     print(f"onnx.load + onnx.save        {io_time:7.3f} s")
     print(f"load + prune + save          {prune_time:7.3f} s")
     print(f"ratio prune / (load+save)    {prune_time / io_time:7.2f}x   (target: well under 2x)")
