@@ -20,7 +20,7 @@ kept), and measurements still disturbed are named under the table.
 Usage::
 
     python benchmarks/latency_table.py [--models resnet50,mobilenet_v2] [--ratios 0.25,0.5,0.75]
-        [--round-to 1,8,auto] [--target-latency 0.7,0.5] [--mac-round-to 8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
+        [--round-to 1,8,size,auto] [--target-latency 0.7,0.5] [--mac-round-to 8] [--batch 1,8] [--provider cpu|cuda] [--threads N]
         [--warmup 10] [--repeat 100] [--retries 2] [--quiet-wait 60] [--retry-budget 300] [--seed 0]
         [--out-dir benchmarks/results]
 
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo directory")
     p.add_argument("--ratios", type=_list(float), default=[0.25, 0.5, 0.75],
                    help="comma-separated pruning ratios (share of each group's channels removed)")
-    p.add_argument("--round-to", type=_list(_round_to), default=[1, 8],
+    p.add_argument("--round-to", type=_list(_round_to), default=[1, 8, "size"],
                    help="comma-separated round-to values (integers; size: the default per-group rule; auto: the latency "
                         "table's fastest widths)")
     p.add_argument("--target-latency", type=_list(float), default=[],
