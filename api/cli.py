@@ -213,7 +213,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     check.add_argument("--no-speed-check", action="store_true",
                        help="do not time the result against the original (by default a quick check, about half a "
                             "second of alternating runs on --provider at --latency-batch, warns loudly when the "
-                            "result is slower; skipped for originals over 1 GiB of weights)")
+                            "result is slower; skipped for originals over 512 MiB of weights)")
     gates = p.add_argument_group("gates (exit 4 and write nothing when one fails)")
     gates.add_argument("--min-agreement", type=float, metavar="A",
                        help="least top-1 agreement with the original, in [0, 1]")
@@ -480,7 +480,8 @@ def _gate_failures(args, validation) -> list[str]:
 
 SPEED_CHECK_BUDGET_S = 0.5          # timed runs of the default check (plus two sessions and a warm-up each)
 SPEED_CHECK_MAX_RUNS = 200          # timed pairs of the default check on small models (the budget decides)
-SPEED_CHECK_MAX_BYTES = 1 << 30     # originals with more weight bytes are not timed unless --min-speedup asks
+SPEED_CHECK_MAX_BYTES = 512 << 20   # originals with more weight bytes are not timed unless --min-speedup asks
+                                    # (two sessions hold about twice the weights again)
 
 
 def _weight_bytes(model) -> int:
@@ -508,8 +509,8 @@ def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict 
     if min_speedup is None and getattr(args, "no_speed_check", False):
         return None, []
     if min_speedup is None and _weight_bytes(prepared.model) > SPEED_CHECK_MAX_BYTES:
-        reason = (f"the original has over {SPEED_CHECK_MAX_BYTES >> 30} GiB of weights; --min-speedup S times it "
-                  "anyway")
+        reason = (f"the original has over {SPEED_CHECK_MAX_BYTES >> 20} MiB of weights; --min-speedup S times "
+                  "it anyway")
         console.notice(f"onnx-prune: note: speed not measured: {reason}")
         return {"measured": False, "reason": reason}, []
     console.notice(f"onnx-prune: timing the original and the pruned model on {opts.provider} ...")

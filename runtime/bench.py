@@ -24,7 +24,7 @@ __all__ = [
 
 EXIT_TOO_SLOW = 4  # the CLI's exit status when --min-speedup is not met
 SLOWER_BELOW = 0.98  # the default check warns below this speed-up: a few runs cannot resolve the last 2%
-QUICK_MIN_RUNS = 5  # a budgeted check (`check_speedup(budget_s=...)`) still times at least this many pairs
+QUICK_MIN_RUNS = 3  # a budgeted check (`check_speedup(budget_s=...)`) still times at least this many pairs
 
 
 @dataclass(frozen=True)
@@ -228,8 +228,9 @@ def check_speedup(
     alternating one run of each so that both see the same load, and compare their medians.
 
     Both get the same random inputs (`seed`; dynamic dims from `shapes`, the leading one = `batch`).  With
-    `budget_s`, the timed pairs are as many as fit that many seconds by the last warm-up pair's time, at least
-    QUICK_MIN_RUNS and at most `repeat`: a quick check whose cost stays bounded on big models.
+    `budget_s`, warm-up stops once it has used half of that many seconds, and the timed pairs are as many as fit
+    the budget by the last warm-up pair's time, at least QUICK_MIN_RUNS and at most `repeat`: a quick check
+    whose cost stays near the budget on big models.
     Raises ValueError for a batch the models cannot take or repeat < 1.
     """
     if repeat < 1:
@@ -237,13 +238,15 @@ def check_speedup(
     chosen = available_providers([provider])[0]
     feed = _batch_feed(load_graph_only(original), batch, seed, shapes)
     sessions = [make_session(model, provider_chain(chosen), threads) for model in (original, pruned)]
-    pair_s = 0.0
-    for session in sessions:
-        for index in range(warmup):
-            start = time.perf_counter()
+    pair_s = warm_s = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        for session in sessions:
             session.run(None, feed)
-            if index == warmup - 1:
-                pair_s += time.perf_counter() - start
+        pair_s = time.perf_counter() - start
+        warm_s += pair_s
+        if budget_s is not None and warm_s >= budget_s / 2:  # a big model: its first runs already cost enough
+            break
     if budget_s is not None:
         repeat = max(min(QUICK_MIN_RUNS, repeat), min(repeat, int(budget_s / pair_s) if pair_s > 0 else repeat))
     clock_name, clock = run_clock(threads, chosen)
