@@ -64,10 +64,11 @@ class PruneOptions:
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
     round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "
-                                 "to a multiple of 8 (16 in groups of 128 channels or more) where the group's layers "
-                                 "do at least 1 M MACs per sample (without a MAC count: groups of 32 channels or "
-                                 "more), not at all in lighter groups, so that CPU kernels keep their vector blocks "
-                                 "where the time is spent; 'auto': the fastest width "
+                                 "to a multiple of 8 (16 in groups of 128 channels or more; for slots a grouped "
+                                 "conv shares, so that the tensor's width is one) where the group's layers do at "
+                                 "least 1 M MACs per sample (without a MAC count: groups of 32 channels or more), "
+                                 "not at all in lighter groups or where no narrower count aligns, so that CPU "
+                                 "kernels keep their vector blocks where the time is spent; 'auto': the fastest width "
                                  "at or just below it per the measured latency table (the default with "
                                  "--target-latency)", group=CHOICE, metavar="N|size|auto", type=round_to_value)
     exclude: list = option([], "node names (shell wildcards allowed) whose channel groups are left whole",
@@ -91,6 +92,10 @@ class PruneOptions:
     repair: bool = option(False, "refit the layers reading reduced channels by least squares on --calib data",
                           group=METHOD, action="store_true")
     ridge: float = option(1e-3, "repair: ridge strength towards the current weights", group=METHOD)
+    recalibrate: bool = option(True, "with --calib, do not give each layer's output channels back the "
+                               "original's mean and spread (by default a per-channel scale and shift folded into "
+                               "each Conv/Gemm, in graph order, kept only if it lowers the damage on held-out "
+                               "calibration samples)", group=METHOD, action="store_false", flag="--no-recalibrate")
     bandwidth: float = option(0.005, "red/hash: KDE bandwidth (default 0.005)", group=METHOD)
     hash_weights: bool = option(True, "red: merge without hashing", group=METHOD, action="store_false",
                                 flag="--no-hash")

@@ -36,7 +36,8 @@ TARGET_TOLERANCE = 0.01
 # only where a layer's arithmetic outweighs the per-node overhead: the committed fixtures' groups set at most
 # 0.16 M MACs each, the zoo's conv groups at least 1.8 M (its squeeze-excitation FCs 0.1-0.5 M), so the line
 # sits at 1 M.  A heavy group rounds to the power of two nearest below an eighth of its width, kept within
-# [SIZE_STEP, MAX_SIZE_STEP]: 8 below 128 channels, 16 from 128 on (a step of at most an eighth of the group).
+# [SIZE_STEP, MAX_SIZE_STEP]: 8 below 128 channels, 16 from 128 on (a step of at most an eighth of the group);
+# slots that the k groups of a grouped conv share step so that k x the count is such a multiple.
 SIZE_RULE = "size"
 SIZE_STEP = 8
 MAX_SIZE_STEP = 16
@@ -72,15 +73,35 @@ def heavy_step(size: int) -> int:
     return max(SIZE_STEP, min(MAX_SIZE_STEP, 1 << max(0, (size // 8).bit_length() - 1)))
 
 
+def replication(analysis: ChannelAnalysis) -> np.ndarray:
+    """Per group, how many times its channels repeat along one weight axis: 1 for most groups, k for the
+    channel slots the k groups of a grouped convolution share (RegNet's), whose tensors are k times as wide."""
+    sizes = np.array([g.size for g in analysis.groups], dtype=np.int64)
+    reps = np.ones(len(sizes), dtype=np.int64)
+    for ids in analysis.param_ids.values():
+        groups, counts = np.unique(analysis.id_group[ids], return_counts=True)
+        reps[groups] = np.maximum(reps[groups], counts // np.maximum(sizes[groups], 1))
+    return reps
+
+
 def size_steps(analysis: ChannelAnalysis, cost: "CostModel | None") -> dict[int, int]:
-    """--round-to size: `heavy_step` for a group whose width sets at least HEAVY_GROUP_MACS MACs per sample
-    (without a cost model: a group of at least HEAVY_GROUP_CHANNELS channels), 1 for a lighter one."""
+    """--round-to size, per group: 1 for a light group; for a group whose width sets at least HEAVY_GROUP_MACS
+    MACs per sample (without a cost model: at least HEAVY_GROUP_CHANNELS channels) the step that keeps its
+    tensors' width (size x `replication`) a multiple of `heavy_step` of that width, unless no narrower count
+    is such a multiple (a 6-channel group, or slots shared by an odd number of conv groups): then 1, since the
+    rounding would only forbid pruning it."""
     if cost is None or not cost.macs:
-        heavy = {g.id: g.size >= HEAVY_GROUP_CHANNELS for g in analysis.groups}
+        heavy = [g.size >= HEAVY_GROUP_CHANNELS for g in analysis.groups]
     else:
-        macs = group_macs(analysis, cost)
-        heavy = {g.id: macs[g.id] >= HEAVY_GROUP_MACS for g in analysis.groups}
-    return {g.id: heavy_step(g.size) if heavy[g.id] else 1 for g in analysis.groups}
+        heavy = list(group_macs(analysis, cost) >= HEAVY_GROUP_MACS)
+    reps = replication(analysis)
+    steps = {}
+    for group in analysis.groups:
+        k = int(reps[group.id])
+        width_step = heavy_step(group.size * k)
+        step = width_step // math.gcd(width_step, k)  # kept * k is then a multiple of width_step
+        steps[group.id] = step if heavy[group.id] and step < group.size else 1
+    return steps
 
 
 def round_steps(analysis: ChannelAnalysis, cost: "CostModel | None", round_to: int | str) -> dict[int, int]:

@@ -178,3 +178,39 @@ def test_default_rounding_reaches_a_mac_target_within_one_percent_on_mobilenet_v
     assert abs(report.macs_after / report.macs_before - 0.7) <= 0.007
     shrunk = [g for g in report.groups if g.kept < g.size]
     assert shrunk and all(g.kept % heavy_step(g.size) == 0 for g in shrunk)  # every conv group here is heavy
+
+
+def _grouped(path, groups: int, width: int = 8, hw: int = 64):
+    """x -> Conv(3 -> groups*width, 1x1) -> Relu -> grouped Conv(groups of `width`, 3x3) -> Relu -> Conv(-> 4):
+    the grouped conv's channel slots are shared by its groups (RegNet's blocks)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, rng = groups * width, np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+               (("w1", (c, 3, 1, 1)), ("w2", (c, width, 3, 3)), ("w3", (4, c, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+             helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2", group=groups, pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["d"], name="relu2"),
+             helper.make_node("Conv", ["d", "w3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, hw, hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hw, hw])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("groups, step, kept", [(4, 2, 6), (6, 4, 8), (13, 1, 6)])
+def test_size_rule_aligns_the_width_of_slots_a_grouped_conv_shares(tmp_path, groups, step, kept):
+    """8 slots shared by k conv groups make tensors 8k wide: the step keeps 8k's multiple of 8 (16 from 128 on)
+    where a narrower count can, else (k odd) it does not round, rather than forbid pruning them."""
+    from onnx_prune.passes.allocate import replication, size_steps
+
+    prepared = prepare(_grouped(tmp_path / "g.onnx", groups))
+    slots = [g for g in prepared.analysis.groups if g.size == 8]
+    assert len(slots) == 2 and all(replication(prepared.analysis)[g.id] == groups for g in slots)
+    assert all(size_steps(prepared.analysis, _cost_model(prepared))[g.id] == step for g in slots)
+    model, report = onnx_prune.prune(prepared, ratio=0.3, criterion="l2")
+    assert {g.kept for g in report.groups if g.size == 8} == {kept}  # 8 - 2 at ratio 0.3, rounded up to the step
+    width = next(t.dims[0] for t in model.graph.initializer if t.name == "w1")
+    assert width == groups * kept and (step == 1 or width % 8 == 0)
