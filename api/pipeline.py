@@ -496,7 +496,8 @@ def apply_plan(model: "ModelLike | Prepared", plan_json: str) -> tuple[onnx.Mode
                 raise PruneError(f"plan group {gid} ({group.name}): '{name}' must have {group.size} finite rows")
     recipe = Recipe(method.name, opts, plan, prepared, _safe_cost(prepared.original or prepared.model),
                     {"plan": "from file"})
-    return finish_recipe(recipe)
+    pruned, report = finish_recipe(recipe)
+    return recalibrated(recipe, pruned, report), report
 
 
 def finish_recipe(recipe: Recipe) -> tuple[onnx.ModelProto, PruneReport]:
@@ -570,9 +571,31 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired
         report.details["repair"] = repair_report  # the pass's details: plain data
+    pruned = recalibrated(recipe, pruned, report)
     if recipe.prepared.source != "<ModelProto>":
         io.remember_source(pruned, recipe.prepared.source)  # save(pruned, that file) is then refused
     return pruned, report
+
+
+def recalibrated(recipe: Recipe, pruned: onnx.ModelProto, report: PruneReport) -> onnx.ModelProto:
+    """With --calib (and not --no-recalibrate): `pruned` with each layer's output channels given back the
+    original's mean and spread (`passes.recalibrate`), when that lowers the held-out damage."""
+    opts = recipe.opts
+    if not opts.calib or not opts.recalibrate or not recipe.plan.groups:
+        return pruned
+    import sys
+
+    from onnx_prune.passes.recalibrate import RecalibratePass, channel_map
+
+    feeds = recipe.calibration if recipe.calibration is not None else calibration_inputs(recipe.prepared, opts)
+    if len(feeds) < 2:
+        report.details["recalibration"] = {"recalibrated": 0, "reason": "fewer than 2 calibration feeds"}
+        return pruned
+    mapping = channel_map(recipe.prepared.model, recipe.prepared.analysis, recipe.plan)
+    progress = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else None
+    result = RecalibratePass(recipe.prepared.model, mapping, feeds, progress=progress)(pruned)
+    report.details["recalibration"] = result.details
+    return result.model
 
 
 def calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:

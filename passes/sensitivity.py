@@ -129,7 +129,8 @@ def damage_inputs(model, calibration: list[dict] | None, samples: int = SYNTHETI
         "synthetic"
 
 
-def _session(model):
+def cpu_session(model):
+    """A CPU onnxruntime session of `model`, quiet."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -156,7 +157,7 @@ def selection_damage_curves(model, allocator, group_ids, feeds: list[dict],
     channels, chosen by `allocator`'s scores (or `select`, the method's own selection) and turned into a model
     by `pruned_model(plan)` (the caller's compensation and rewrite).  `model` is the prepared model the plans
     refer to.  Groups whose rounding leaves nothing to remove get no curve (the allocator keeps them whole)."""
-    reference_session = _session(model)
+    reference_session = cpu_session(model)
     reference = [reference_session.run(None, feed) for feed in feeds]
     analysis = allocator.analysis
     curves = {}
@@ -170,7 +171,7 @@ def selection_damage_curves(model, allocator, group_ids, feeds: list[dict],
         damage = [0.0]
         for removed in counts:
             plan = allocator.plan_for_counts({gid: group.size - removed}, select, snap=False)
-            session = _session(pruned_model(plan))
+            session = cpu_session(pruned_model(plan))
             damage.append(float(np.mean([output_damage(ref, session.run(None, feed))
                                          for ref, feed in zip(reference, feeds)])))
         curves[gid] = DamageCurve(gid, [0] + counts, damage)
