@@ -495,8 +495,8 @@ def _weight_bytes(model) -> int:
 
 def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict | None, list[str]]:
     """Never slower, loudly: time the original and the result in alternation (runtime.bench.check_speedup,
-    a quick budgeted check by default) and warn on stderr when the result is slower; with --min-speedup the
-    check's full run decides a gate.  Skipped with --no-speed-check, and by default for originals over
+    a quick budgeted check by default, repeated once before a warning) and warn on stderr when the result is
+    slower in both; with --min-speedup the check's full run decides a gate.  Skipped with --no-speed-check, and by default for originals over
     SPEED_CHECK_MAX_BYTES of weights; a model that cannot be timed (e.g. dynamic dims without --shape) is
     reported as not measured, never as a failure, unless --min-speedup needs the figure.
     Returns the check's record (None when skipped) and the gate failures."""
@@ -514,12 +514,19 @@ def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict 
         console.notice(f"onnx-prune: note: speed not measured: {reason}")
         return {"measured": False, "reason": reason}, []
     console.notice(f"onnx-prune: timing the original and the pruned model on {opts.provider} ...")
-    try:
+
+    def timed():
         with console.muted():
-            check = check_speedup(prepared.model, model, provider=opts.provider, threads=opts.threads,
-                                  batch=opts.latency_batch, seed=opts.seed, shapes=_parse_shapes(args.shape) or None,
-                                  warmup=3, repeat=20 if min_speedup is not None else SPEED_CHECK_MAX_RUNS,
-                                  budget_s=None if min_speedup is not None else SPEED_CHECK_BUDGET_S)
+            return check_speedup(prepared.model, model, provider=opts.provider, threads=opts.threads,
+                                 batch=opts.latency_batch, seed=opts.seed, shapes=_parse_shapes(args.shape) or None,
+                                 warmup=3, repeat=20 if min_speedup is not None else SPEED_CHECK_MAX_RUNS,
+                                 budget_s=None if min_speedup is not None else SPEED_CHECK_BUDGET_S)
+
+    try:
+        check = timed()
+        if min_speedup is None and check.speedup < SLOWER_BELOW:
+            # a quick check on a busy machine can misread: warn only when a second one agrees
+            check = max(check, timed(), key=lambda c: c.speedup)
     except Exception as err:  # noqa: BLE001 - timing is a check on a finished result: never a traceback
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         if min_speedup is not None:
