@@ -496,9 +496,10 @@ def _weight_bytes(model) -> int:
 def _speed_gate(args, options, prepared, model, console: Console) -> tuple[dict | None, list[str]]:
     """Never slower, loudly: time the original and the result in alternation (runtime.bench.check_speedup,
     a quick budgeted check by default, repeated once before a warning) and warn on stderr when the result is
-    slower in both; with --min-speedup the check's full run decides a gate.  Skipped with --no-speed-check, and by default for originals over
-    SPEED_CHECK_MAX_BYTES of weights; a model that cannot be timed (e.g. dynamic dims without --shape) is
-    reported as not measured, never as a failure, unless --min-speedup needs the figure.
+    slower in both; with --min-speedup the check's full run decides a gate.  Skipped with --no-speed-check,
+    and by default for originals over SPEED_CHECK_MAX_BYTES of weights; a model that cannot be timed (e.g.
+    dynamic dims without --shape) is reported as not measured, never as a failure, unless --min-speedup needs
+    the figure.
     Returns the check's record (None when skipped) and the gate failures."""
     from onnx_prune.errors import PruneError
     from onnx_prune.options import PruneOptions
