@@ -426,7 +426,8 @@ def round_to_study(paths: dict, args) -> tuple[str, list[dict]]:
         for ratio in args.ratios:
             for round_to in args.round_to:
                 r = next(x for x in rows if x["model"] == model and x["ratio"] == ratio and x["round_to"] == round_to)
-                cells.append(f"{r['speedup']:.2f}x / {r['mac_reduction']:.2f}x" + (" **slower**" if r["speedup"] < 1 else ""))
+                cells.append(f"{r['speedup']:.2f}x / {r['mac_reduction']:.2f}x"
+                             + (" **slower**" if r["speedup"] < 1 else ""))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "| round-to | slowest speed-up | cases slower than the original | median MAC reduction | "
                   "median speed-up | median efficiency |", "|---|---:|---:|---:|---:|---:|"]
