@@ -98,10 +98,12 @@ class MethodInput:
 
         return _safe_cost(self.prepared.original)
 
-    def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None) -> Allocator:
+    def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None,
+                  round_to: int | str | None = None) -> Allocator:
         from onnx_prune.analysis.criteria import comparable_across_groups
 
-        return Allocator(self.prepared.analysis, scores, self.cost_model(), self.constraints.round_to,
+        round_to = self.constraints.round_to if round_to is None else round_to
+        return Allocator(self.prepared.analysis, scores, self.cost_model(), round_to,
                          self.constraints.max_ratio, cap=cap,
                          comparable=comparable_across_groups(self.opts.criterion), latency=self.latency_model())
 
@@ -329,11 +331,12 @@ class RedMethod(Method):
             tol = _merge_tolerance(search, given, scores, opts.merge_tol, opts.max_merge_tol)
         merged = search.plan(tol)
         cap = {g: len(p.keep) for g, p in merged.plan.groups.items()}
-        allocator = given.allocator(scores, cap)
         allocated = {}
         if target.kind is not None:  # (a fresh MergedSelect for the sensitivity trials: it counts what it does)
+            allocator = given.allocator(scores, cap)
             counts, allocated = given.counts_for(scores, MergedSelect(merged.plan, scores), cap)
-        else:
+        else:  # merging only: the default "size" rounding is for targets (rounding up here would undo merges)
+            allocator = given.allocator(scores, cap, round_to=1 if constraints.round_to == "size" else None)
             counts = allocator.settle({g: cap.get(g, analysis.groups[g].size) for g in groups})
         select = MergedSelect(merged.plan, scores)
         plan = allocator.plan_for_counts(counts, select)

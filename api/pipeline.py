@@ -214,13 +214,17 @@ class SweepConfig:
     accepts_calibration: bool = False  # data-free, and better with `calib`: benchmarks run it both ways
 
 
+DEFAULT = (PruneOptions.criterion, PruneOptions.aggregate)  # (the dataclass defaults)
+
+
 def sweep_configurations() -> list[SweepConfig]:
     """Every method and option set worth comparing at one target.
 
     Benchmarks iterate over this list, so a method appears in their tables as soon as it is added here.
     """
-    configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a})
+    configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a}, accepts_calibration=(c, a) == DEFAULT)
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
+    configs += [SweepConfig("bnvar/domino-o/round-to-1", {"round_to": 1})]  # the default but unrounded
     # the same selections without expected-value compensation, to show what it buys
     configs += [SweepConfig(f"{c}/{a}/no-compensation", {"criterion": c, "aggregate": a, "compensate": False})
                 for c, a in (("l1", "first"), ("l2", "domino-o"), ("random", "first"), ("bnvar", "domino-o"))
