@@ -349,6 +349,14 @@ def _cost_model(prepared) -> CostModel | None:
     return CostModel.of(prepared.model, prepared.analysis, {n: c.macs for n, c in cost.per_node.items()})
 
 
+def blend_allocation(opts) -> str:
+    """The blend search's allocation: uniform or global (the default "auto" is uniform here: the search
+    measures the whole pruned model itself; per-group sensitivity curves are refused)."""
+    if opts.allocation == "sensitivity":
+        raise PruneError("--criterion blend searches on the whole pruned model: use --allocation uniform or global")
+    return "uniform" if opts.allocation == "auto" else opts.allocation
+
+
 def _options_record(opts, target: Target) -> dict:
     return {"target": target.describe(), "allocation": opts.allocation, "aggregate": opts.aggregate,
             "normalize": opts.normalize, "round_to": opts.round_to, "max_ratio": opts.max_ratio, "seed": opts.seed}
@@ -392,7 +400,7 @@ def blend_plan(prepared, opts, group_ids: list[int] | None = None, *, pool: tupl
         weights = blend_weights if isinstance(blend_weights, dict) else load_blend_weights(blend_weights)
         units = unit_scores(pool_scores(prepared, group_ids, tuple(weights), *scoring_args))
         plan = Allocator(analysis, blend_scores(units, weights), cost, opts.round_to,
-                         opts.max_ratio).allocate(target, opts.allocation)
+                         opts.max_ratio).allocate(target, blend_allocation(opts))
         return plan, {"method": "blend", "mode": "re-applied", "weights": weights, **_options_record(opts, target)}
 
     if generations < 0 or population < 5 or workers < 1:
@@ -404,7 +412,7 @@ def blend_plan(prepared, opts, group_ids: list[int] | None = None, *, pool: tupl
     data = (f"calibration inputs ({len(feeds)} feed(s))" if calib_inputs is not None else
             f"generated inputs (seed {opts.seed}, {fitness_samples} samples, standard normal)")
     reference = _run(_session(prepared.model), feeds)
-    context = FitnessContext(prepared.model, analysis, unit_scores(raw), target, cost, opts.allocation,
+    context = FitnessContext(prepared.model, analysis, unit_scores(raw), target, cost, blend_allocation(opts),
                              opts.round_to, opts.max_ratio, feeds, resolve_metric(metric, reference), reference)
     fitness = Fitness(context)
     processes = None

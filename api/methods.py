@@ -408,8 +408,9 @@ class ObsMethod(Method):
     """Second-order calibrated pruning (METHODS.md §6): group OBS chooses each group's channels on the
     calibration data, group by group in topological order, and the layers that read reduced channels are then
     reconstructed by ridge least squares toward the original outputs (`passes.repair`, ridge chosen by
-    cross-validation over calibration sources).  `--allocation global` spreads the target by measured damage
-    curves (each group pruned alone at a few ratios); `uniform` takes the same share of every group."""
+    cross-validation over calibration sources).  By default (and with `global` or `sensitivity`) the target is
+    spread by measured damage curves (each group pruned alone at a few ratios, OBS-chosen and reconstructed);
+    `--allocation uniform` takes the same share of every group."""
     name = "obs"
     summary = "group OBS on --calib data: second-order channel choice, damage-curve allocation, reconstruction"
     needs_calibration = True
@@ -420,7 +421,7 @@ class ObsMethod(Method):
 
         constraints = given.constraints
         plan, details = obs_select(given.prepared, constraints.target, given.calibration, group_ids=given.group_ids,
-                                   allocation="damage" if constraints.allocation == "global" else "uniform",
+                                   allocation="uniform" if constraints.allocation == "uniform" else "damage",
                                    cost_model=given.cost_model(), round_to=constraints.round_to,
                                    max_ratio=constraints.max_ratio, make_allocator=given.allocator,
                                    seed=given.opts.seed, ridge=given.opts.ridge)

@@ -56,11 +56,11 @@ class PruneOptions:
                             group=CHOICE)
     normalize: bool = option(False, "divide scores by the number of weights a channel's removal deletes",
                              group=CHOICE, action="store_true")
-    allocation: str = option("uniform", "uniform: the same share from every group; global: one ranking of all "
+    allocation: str = option("auto", "uniform: the same share from every group; global: one ranking of all "
                              "channels; sensitivity: each group pruned alone at a few shares, the damage to the "
                              "outputs measured (on --calib data, else on synthetic images), least damage per MAC "
-                             "removed first (default uniform)", group=CHOICE,
-                             choices=["uniform", "global", "sensitivity"])
+                             "removed first; auto (default): sensitivity with --calib, uniform without",
+                             group=CHOICE, choices=["auto", "uniform", "global", "sensitivity"])
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
     round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "

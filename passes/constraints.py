@@ -42,7 +42,7 @@ class Target:
         return f"keep {self.value:.0%} of {noun}"
 
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")  # how a target is spread over the groups
+ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")  # how a target is spread (auto: see constraints_of)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Constraints:
         out = ["target"] if self.target.kind is not None else []
         # a rounding of 1 or the default "size" asks nothing of a method that removes no channel
         unset = {"exclude": ((),), "protect_first": (False,), "round_to": (1, "size"), "max_ratio": (1.0,),
-                 "allocation": ("uniform",)}
+                 "allocation": ("uniform", "auto")}
         out += [name for name in self.NAMES[1:] if getattr(self, name) not in unset[name]]
         return out
 

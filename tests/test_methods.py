@@ -101,7 +101,8 @@ def test_global_allocation_is_honoured(method):
     _, global_ = _prune(method, ratio=0.5, allocation="global")
     prunable = [g for g in global_.groups if g.size - g.frozen]
     assert sum(g.kept for g in prunable) == sum(g.size for g in prunable) - math.floor(0.5 * sum(g.size for g in prunable))
-    assert global_.options["allocation"] == "global" and uniform.options["allocation"] == "uniform"
+    assert global_.options["allocation"] == "global" and uniform.options["allocation"] == "auto"  # = uniform
+    assert [g.kept for g in uniform.groups] != [g.kept for g in global_.groups]
 
 
 @pytest.mark.parametrize("options, name", [(dict(ratio=0.3), "ratio"), (dict(target_macs=0.5), "target_macs"),
