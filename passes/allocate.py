@@ -113,6 +113,13 @@ def round_steps(analysis: ChannelAnalysis, cost: "CostModel | None", round_to: i
     return {g.id: step for g in analysis.groups}
 
 
+def mean_normalised(scores: np.ndarray, frozen: np.ndarray | None = None) -> np.ndarray:
+    """`scores` over the mean |score| of the free (not frozen) channels: a unit every group shares."""
+    free = ~frozen if frozen is not None else np.ones(len(scores), dtype=bool)
+    mean = float(np.abs(scores[free]).mean()) if free.any() else 1.0
+    return scores / (mean if mean > 0 else 1.0)
+
+
 def select_top(scores: np.ndarray, frozen: np.ndarray, n_keep: int) -> np.ndarray:
     """Frozen channels plus the highest-scoring others; ties keep the lower index."""
     free = np.nonzero(~frozen)[0]
@@ -229,9 +236,7 @@ class Allocator:
         group, score = self.analysis.groups[gid], self.scores[gid]
         if self.comparable:
             return np.asarray(score, dtype=np.float64)
-        free = ~group.frozen
-        mean = float(np.abs(score[free]).mean()) if free.any() else 1.0
-        return score / (mean if mean > 0 else 1.0)
+        return mean_normalised(score, group.frozen)
 
     def global_order(self) -> list[tuple[int, int]]:
         """(group, channel) removal order: lowest normalised score first, deterministic ties."""

@@ -349,12 +349,6 @@ class GroupChoice:
         return np.concatenate([[0.0], np.cumsum(np.abs(self.normalised_scores[order]))])
 
 
-def normalise_scores(scores: np.ndarray, frozen: np.ndarray | None = None) -> np.ndarray:
-    free = ~frozen if frozen is not None else np.ones(len(scores), dtype=bool)
-    mean = float(np.abs(scores[free]).mean()) if free.any() else 1.0
-    return scores / (mean if mean > 0 else 1.0)
-
-
 def window_below(count: int) -> int:
     """How far below a count `fastest_width` and the allocation's steps look: an eighth of it, but at least 8
     (to reach the next multiple of a vector block) and at most WINDOW, never more than half the count."""

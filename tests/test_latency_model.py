@@ -12,6 +12,7 @@ import pytest
 
 import onnx_prune
 from onnx_prune.errors import PruneError
+from onnx_prune.passes.allocate import mean_normalised
 from onnx_prune.runtime import latency_model as lm
 from onnx_prune.runtime.latency_model import (
     GroupChoice,
@@ -141,8 +142,8 @@ def test_latency_counts_meet_the_target_and_spend_low_scores_first():
     rng = np.random.default_rng(0)
     important = np.abs(rng.standard_normal(64)) + 10.0  # group 0: every channel matters a lot
     cheap = np.abs(rng.standard_normal(64)) * 0.01 + 0.01  # group 1: channels matter little
-    groups = {0: GroupChoice(64, 1, lm.normalise_scores(important) * 100.0),
-              1: GroupChoice(64, 1, lm.normalise_scores(cheap))}
+    groups = {0: GroupChoice(64, 1, mean_normalised(important) * 100.0),
+              1: GroupChoice(64, 1, mean_normalised(cheap))}
     full = model.predict({})
     for fraction in (0.9, 0.7, 0.5):
         for round_to in ("auto", 1, 8):
