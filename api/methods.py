@@ -346,7 +346,9 @@ class RedMethod(Method):
 
 
 def _merge_tolerance(search, given: MethodInput, scores, lo: float, hi: float, steps: int = 12) -> float:
-    """The smallest tolerance in [lo, hi] whose merging alone reaches the target (hi where none does)."""
+    """The largest tolerance in [lo, hi] whose merging alone does not pass the target (hi where none reaches
+    it; lo where even that passes it): pruning then takes the rest exactly, so the target is met within 1%
+    under rounding instead of overshot by the tolerance's coarse steps."""
     allocator = given.allocator(scores)
     target = given.constraints.target
 
@@ -367,7 +369,7 @@ def _merge_tolerance(search, given: MethodInput, scores, lo: float, hi: float, s
     for _ in range(steps):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if reached(mid) else (mid, hi)
-    return hi
+    return lo
 
 
 @dataclass

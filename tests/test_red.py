@@ -217,8 +217,10 @@ def test_red_raises_the_merge_tolerance_to_reach_a_target():
     _, loose = red(model, merge_tol=1.0, **NO_HASH)
     goal = loose.macs_after / loose.macs_before + 0.02  # what merging at tolerance 1 reaches, and a bit
     pruned, report = red(model, target_macs=goal, **NO_HASH)
-    assert 0 < report.details["merge"]["tol"] <= 1.0 and report.details["pruned"] == 0
-    assert report.macs_after / report.macs_before <= goal
+    # merging takes what it can without passing the target (the largest such tolerance), pruning the rest:
+    # the target is met closely instead of overshot by the tolerance's coarse steps
+    assert 0 < report.details["merge"]["tol"] <= 1.0 and report.details["merge"]["merged"] > 0
+    assert abs(report.macs_after / report.macs_before - goal) <= 0.02 * goal
     _, capped = red(model, target_macs=goal, max_merge_tol=0.1, **NO_HASH)  # merging cannot: pruning does the rest
     assert capped.details["merge"]["tol"] == 0.1 and capped.details["pruned"] > 0
 
