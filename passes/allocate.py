@@ -353,6 +353,31 @@ class Allocator:
             counts, fraction = stepped, after
         return counts
 
+    def greedy_fill(self, target: Target) -> dict[int, int]:
+        """Counts from whole groups down, one rounding step at a time, always the step whose channels score
+        lowest among those that do not pass the target by more than the tolerance: where rounding makes
+        some steps large (8 of a 16-channel layer), the ranking's order can pass the target by far, and
+        `refine`, one group at a time, cannot come back; skipping the steps that overshoot can."""
+        goal = target.value
+        tolerance = goal * TARGET_TOLERANCE
+        counts = self.settle({gid: self.analysis.groups[gid].size for gid in self.scores}, snap=False)
+        ranked = {gid: self._normalised_ranking(gid) for gid in counts}
+        fraction = self.fraction(counts, target)
+        while fraction > goal + tolerance:
+            moves = []
+            for gid, n in sorted(counts.items()):
+                new = self.settle({gid: n - self._step(gid)}, snap=False)[gid]
+                if new >= n:
+                    continue
+                after = self.fraction({**counts, gid: new}, target)
+                if after < goal - tolerance:
+                    continue
+                moves.append((float(ranked[gid][new:n].mean()), gid, new, after))
+            if not moves:
+                break
+            _, gid, counts[gid], fraction = min(moves)
+        return counts
+
     def latency_counts(self, fraction: float) -> dict[int, int]:
         """Counts whose predicted latency is at most `fraction` of the original's measured one: greedy on score
         lost per predicted millisecond saved (`runtime.latency_model.latency_counts`); groups move in steps of

@@ -105,7 +105,13 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
     else:
         allocator = make_allocator(scores)
     allocator.comparable = True  # the scores are damage per MAC in every group: rank them as they are
-    return allocator.counts_for(target, "global")
+    counts = allocator.counts_for(target, "global")
+    if target.kind in ("macs", "params"):
+        from onnx_prune.passes.allocate import TARGET_TOLERANCE
+
+        if abs(allocator.fraction(counts, target) - target.value) > target.value * TARGET_TOLERANCE:
+            counts = allocator.greedy_fill(target)  # coarse rounding steps passed the target: skip those
+    return counts
 
 
 
