@@ -120,19 +120,33 @@ def damage_inputs(model, calibration: list[dict] | None, samples: int = SYNTHETI
                   normalization: tuple | None = None, shapes: dict | None = None) -> tuple[list[dict], str]:
     """(feeds, source): the first `samples` calibration samples, or synthetic 1/f-noise images without data."""
     if calibration:
-        from onnx_prune.runtime.calibration import sample_count
-
-        feeds, taken = [], 0
-        for feed in calibration:
-            if taken >= samples:
-                break
-            feeds.append(feed)
-            taken += sample_count(feed)
-        return feeds, "calibration"
+        return spread_samples(model, calibration, samples), "calibration"
     from onnx_prune.analysis.expected import synthetic_inputs
 
     return synthetic_inputs(model, samples=samples, seed=seed, normalization=normalization, shapes=shapes), \
         "synthetic"
+
+
+def spread_samples(model, feeds: list[dict], samples: int, batch: int = 16) -> list[dict]:
+    """About `samples` calibration samples spread evenly over all of `feeds` (loaders often yield crops
+    photo by photo: the first ones may all come from one photo), as feeds of up to `batch` samples where the
+    model's batch dim is dynamic, else whole feeds evenly spaced."""
+    from onnx_prune.passes.repair import dynamic_batch
+    from onnx_prune.runtime.calibration import sample_count
+
+    total = sum(sample_count(f) for f in feeds)
+    if total <= samples:
+        return list(feeds)
+    if not dynamic_batch(model):
+        per_feed = max(1, sample_count(feeds[0]))
+        picks = np.unique(np.linspace(0, len(feeds) - 1, max(1, samples // per_feed)).round().astype(int))
+        return [feeds[i] for i in picks]
+    picks = np.unique(np.linspace(0, total - 1, samples).round().astype(int))
+    starts = np.cumsum([0] + [sample_count(f) for f in feeds])
+    chosen = {name: np.concatenate([f[name][picks[(picks >= lo) & (picks < hi)] - lo]
+                                    for f, lo, hi in zip(feeds, starts[:-1], starts[1:])])
+              for name in feeds[0]}  # (only the picked samples are copied)
+    return [{name: array[i:i + batch] for name, array in chosen.items()} for i in range(0, len(picks), batch)]
 
 
 def cpu_session(model):

@@ -145,3 +145,19 @@ def test_coarse_rounding_steps_do_not_pass_the_target():
     model = str(Path(__file__).resolve().parents[1] / "models" / "trained" / "se_net.onnx")
     _, report = onnx_prune.prune(model, target_macs=0.9, allocation="sensitivity", progress=False)
     assert abs(report.details["target"]["achieved"] - 0.9) <= 0.009, report.details["target"]
+
+
+def test_damage_is_measured_on_samples_spread_over_all_the_calibration_data():
+    from onnx_prune.passes.sensitivity import spread_samples
+
+    model = two_group_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    # 8 feeds of 4 samples, sample k filled with k (loaders yield crops photo by photo: not only the first ones)
+    feeds = [{"x": np.arange(4 * i, 4 * i + 4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((4, 3, 16, 16),
+                                                                                                 np.float32)}
+             for i in range(8)]
+    picked = np.concatenate([f["x"][:, 0, 0, 0] for f in spread_samples(model, feeds, 8, batch=3)])
+    assert picked.tolist() == [0, 4, 9, 13, 18, 22, 27, 31]
+    fixed = two_group_model()  # a fixed batch of 2: whole feeds, evenly spaced
+    whole = [{"x": np.full((2, 3, 16, 16), i, np.float32)} for i in range(10)]
+    assert [int(f["x"][0, 0, 0, 0]) for f in spread_samples(fixed, whole, 6)] == [0, 4, 9]
