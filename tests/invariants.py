@@ -107,3 +107,27 @@ def duplicate_model(prepared: Prepared, group: Group, source, copy) -> onnx.Mode
 
     edit.targets = [(group, m) for m in group.members if m.role in ("producer", "carrier")]
     return _edit_params(prepared, edit)
+
+
+def save_graph(path, name: str, nodes, weights, input_dims, output_dims):
+    """A float model x -> ... -> y from `nodes` and `weights` (opset 17), saved at `path`; returns `path`."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_dims))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(output_dims))], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def conv_chain(path, width: int, batch=1, hw=(32, 32)):
+    """x[batch,3,H,W] -> Conv(3->width, 3x3) -> Relu -> Conv(width->4, 1x1) -> y: one prunable group of `width`
+    channels, doing width * (27 + 4) * H * W MACs per sample; the same signature at any width."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((4, width, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    return save_graph(path, "chain", nodes, weights, [batch, 3, *hw], [batch, 4, *hw])

@@ -7,6 +7,7 @@ from onnx_prune.passes.allocate import Allocator, Target, kept_count, select_top
 from onnx_prune.pipeline import prepare
 
 from conftest import fixture_path
+from invariants import conv_chain, save_graph
 
 
 @pytest.mark.parametrize("size, ratio, round_to, frozen, expected", [
@@ -94,21 +95,8 @@ def test_bad_options_are_refused(kwargs, words):
 
 
 def _chain(path, width: int, hw: int):
-    """x[1,3,hw,hw] -> Conv(3->width, 3x3) -> Relu -> Conv(width->4, 1x1) -> output: one prunable group of
-    `width` channels whose layers do width * (27 + 4) * hw^2 MACs."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w1"),
-               numpy_helper.from_array(rng.standard_normal((4, width, 1, 1)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hw, hw])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    """One prunable group of `width` channels whose layers do width * (27 + 4) * hw^2 MACs."""
+    return conv_chain(path, width, 1, (hw, hw))
 
 
 def _cost_model(prepared):
@@ -183,8 +171,7 @@ def test_default_rounding_reaches_a_mac_target_within_one_percent_on_mobilenet_v
 def _grouped(path, groups: int, width: int = 8, hw: int = 64):
     """x -> Conv(3 -> groups*width, 1x1) -> Relu -> grouped Conv(groups of `width`, 3x3) -> Relu -> Conv(-> 4):
     the grouped conv's channel slots are shared by its groups (RegNet's blocks)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     c, rng = groups * width, np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
@@ -194,10 +181,7 @@ def _grouped(path, groups: int, width: int = 8, hw: int = 64):
              helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2", group=groups, pads=[1] * 4),
              helper.make_node("Relu", ["c"], ["d"], name="relu2"),
              helper.make_node("Conv", ["d", "w3"], ["y"], name="conv3")]
-    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hw, hw])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return save_graph(path, "grouped", nodes, weights, [1, 3, hw, hw], [1, 4, hw, hw])
 
 
 @pytest.mark.parametrize("groups, step, kept", [(4, 2, 6), (6, 4, 8), (13, 1, 6)])

@@ -8,6 +8,7 @@ import pytest
 from onnx_prune.cli import main
 
 from conftest import fixture_path
+from invariants import conv_chain
 
 
 def _run(capsys, *args):
@@ -202,22 +203,9 @@ def test_repair_with_too_little_calibration_data_is_a_clear_error(tmp_path, caps
 
 
 def _conv_chain(path, width: int, hw=(32, 32)):
-    """x[N,3,H,W] -> Conv(3->width, 3x3) -> Relu -> Conv(width->4, 1x1): the same signature at any width, so a
-    wide one does the same job with many more MACs (a deliberately slower "result")."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w1"),
-               numpy_helper.from_array(rng.standard_normal((4, width, 1, 1)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
-    dims = ["N", 3, *hw]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, *hw])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    """The same signature at any width (dynamic batch), so a wide one does the same job with many more MACs (a
+    deliberately slower "result")."""
+    return conv_chain(path, width, "N", hw)
 
 
 def _speed_check(tmp_path, capsys, original_width: int, result_width: int, **options):
