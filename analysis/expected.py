@@ -841,16 +841,21 @@ def measure_moments(model: onnx.ModelProto, analysis, tensors: list[str],
     sums batch by batch (nothing but one batch's outputs is ever held)."""
     from onnx_prune.runtime.activations import probe_session
 
-    session = probe_session(model, tensors)
-    sums = {t: np.zeros(len(analysis.layouts[t].ids)) for t in tensors}
-    squares = {t: np.zeros(len(analysis.layouts[t].ids)) for t in tensors}
-    counts = dict.fromkeys(tensors, 0)
+    return channel_moments(probe_session(model, tensors), tensors, feeds,
+                           {t: analysis.layouts[t].axis for t in tensors})
+
+
+def channel_moments(session, tensors: list[str], feeds: list[dict], axis_of: dict[str, int]
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tensor, (mean, var) of each position along its axis `axis_of[tensor]` over every other axis of every
+    feed's output, accumulated as float64 sums batch by batch (nothing but one batch's outputs is ever held)."""
+    sums, squares, counts = {}, {}, dict.fromkeys(tensors, 0)
     for feed in feeds:
         for tensor, array in zip(tensors, session.run(tensors, feed)):
-            lay = analysis.layouts[tensor]
-            flat = np.moveaxis(np.asarray(array, dtype=np.float64), lay.axis, 0).reshape(len(lay.ids), -1)
-            sums[tensor] += flat.sum(axis=1)
-            squares[tensor] += np.einsum("ij,ij->i", flat, flat)
+            axis = axis_of[tensor]
+            flat = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
+            sums[tensor] = sums.get(tensor, 0.0) + flat.sum(axis=1)
+            squares[tensor] = squares.get(tensor, 0.0) + np.einsum("ij,ij->i", flat, flat)
             counts[tensor] += flat.shape[1]
     out = {}
     for tensor in tensors:

@@ -129,13 +129,18 @@ class MethodInput:
         """Per shrinking group, the output damage of pruning it alone (`passes.sensitivity`), through this
         method's selection, compensation and the rewrite; on the --calib data, else on synthetic images."""
         from onnx_prune.passes.rewrite import ApplyPlanPass
-        from onnx_prune.passes.sensitivity import damage_inputs, selection_damage_curves, stderr_progress
+        from onnx_prune.passes.sensitivity import damage_inputs, selection_damage_curves
         from onnx_prune.pipeline import compensated
+        from onnx_prune.runtime.data import Preprocessing
 
         prepared, opts = self.prepared, self.opts
         try:
+            given = Preprocessing.of(mean=opts.mean, std=opts.std)  # the model's input normalisation, if told
+            normalization = (given.mean, given.std) if given.mean and given.std else None
             feeds, source = damage_inputs(prepared.model, self.calibration, seed=opts.seed,
-                                          normalization=_normalization(opts))
+                                          normalization=normalization)
+        except PruneError:
+            raise
         except ValueError as err:  # e.g. an input size left open: nothing to synthesise
             raise PruneError(f"--allocation sensitivity cannot build inputs to measure damage on ({err}); "
                              "give --calib data") from None
@@ -146,7 +151,7 @@ class MethodInput:
             return ApplyPlanPass(prepared.analysis, plan)(prepared.model).model
 
         curves = selection_damage_curves(prepared.model, allocator, self.group_ids, feeds, pruned_model,
-                                         select=select, progress=stderr_progress(not opts.progress))
+                                         select=select, progress=opts.progress_printer())
         return curves, source
 
     def allocate(self, scores: dict[int, np.ndarray], select=None, cap: dict[int, int] | None = None
@@ -161,23 +166,13 @@ class MethodInput:
         if self.constraints.target.kind != "latency" and self.constraints.round_to != "auto":
             return None
         if self._latency is None:
-            import sys
-
             from onnx_prune.runtime.latency_model import load_or_measure
 
             o = self.opts
-            quiet = not o.progress
             self._latency = load_or_measure(self.prepared.model, self.prepared.analysis, o.provider, o.threads,
                                             o.latency_batch, table_file=o.latency_table,
-                                            progress=None if quiet else lambda line: print(line, file=sys.stderr))
+                                            progress=o.progress_printer())
         return self._latency
-
-
-def _normalization(opts: PruneOptions) -> tuple | None:
-    """(means, stds) per channel from --mean/--std (the model's input normalisation), None when not given."""
-    if not opts.mean or not opts.std:
-        return None
-    return tuple([float(v) for v in str(text).split(",")] for text in (opts.mean, opts.std))
 
 
 class Method(ABC):

@@ -154,6 +154,14 @@ class PruneOptions:
     def defaults(cls) -> dict:
         return {f.name: getattr(cls(), f.name) for f in fields(cls)}
 
+    def progress_printer(self):
+        """Where long steps write their progress lines: stderr, or nowhere (None) without `progress`."""
+        if not self.progress:
+            return None
+        import sys
+
+        return lambda line: print(line, file=sys.stderr, flush=True)
+
 
 def cli_spec(cls=PruneOptions) -> list[tuple[str, str, dict]]:
     """(field name, flag, argparse keywords) for every CLI option of `cls`, in declaration order."""

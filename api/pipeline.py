@@ -315,7 +315,7 @@ def constraints_of(opts: PruneOptions) -> Constraints:
         round_to = "auto"
     allocation = opts.allocation
     if allocation == "auto":  # measured damage where data says what matters; without data the measurement
-        # on synthetic images costs groups x 3 forward passes and lost on 2 of 8 benchmark nets (README)
+        # on synthetic images costs groups x 3 forward passes and lost in 4 of 20 benchmark cells (README)
         allocation = "sensitivity" if opts.calib else "uniform"
     return Constraints(target, tuple(opts.exclude), opts.protect_first, round_to, opts.max_ratio, allocation)
 
@@ -590,8 +590,6 @@ def recalibrated(recipe: Recipe, pruned: onnx.ModelProto, report: PruneReport) -
     opts = recipe.opts
     if not opts.calib or not opts.recalibrate or not recipe.plan.groups:
         return pruned
-    import sys
-
     from onnx_prune.passes.recalibrate import RecalibratePass, channel_map
 
     feeds = recipe.calibration if recipe.calibration is not None else calibration_inputs(recipe.prepared, opts)
@@ -599,8 +597,7 @@ def recalibrated(recipe: Recipe, pruned: onnx.ModelProto, report: PruneReport) -
         report.details["recalibration"] = {"recalibrated": 0, "reason": "fewer than 2 calibration feeds"}
         return pruned
     mapping = channel_map(recipe.prepared.model, recipe.prepared.analysis, recipe.plan)
-    progress = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else None
-    result = RecalibratePass(recipe.prepared.model, mapping, feeds, progress=progress)(pruned)
+    result = RecalibratePass(recipe.prepared.model, mapping, feeds, progress=opts.progress_printer())(pruned)
     report.details["recalibration"] = result.details
     return result.model
 

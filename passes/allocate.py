@@ -308,7 +308,13 @@ class Allocator:
                 break
         if best[0] <= goal * TARGET_TOLERANCE:
             return best[1]
-        return self.refine(best[1], target)
+        counts = self.refine(best[1], target)
+        if allocation == "global" and abs(self.fraction(counts, target) - goal) > goal * TARGET_TOLERANCE:
+            # coarse rounding steps passed the target and one group at a time cannot come back
+            filled = self.greedy_fill(target)
+            if abs(self.fraction(filled, target) - goal) < abs(self.fraction(counts, target) - goal):
+                counts = filled
+        return counts
 
     def refine(self, counts: dict[int, int], target: Target) -> dict[int, int]:
         """Step single groups by one rounding unit towards the target until it is crossed, then keep the closer

@@ -501,10 +501,9 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
     is zeroing its consumer columns: the function of the pruned model, without rewriting it."""
     import sys
 
-    import onnxruntime as ort
-
     from onnx_prune.passes.repair import dynamic_batch
     from onnx_prune.runtime.calibration import (Layer, Progress, collect_moments, feed_batches, source_index)
+    from onnx_prune.runtime.sessions import make_session
 
     analysis, original = prepared.analysis, prepared.model
     # the damage is measured on samples the Grams never saw (the last source fold, at most `samples` of them):
@@ -523,7 +522,7 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
                             progress=Progress(quiet=quiet, label="damage: calibration"))
     moments_of = dict(zip(nodes, found))
     check = [feed for feed, _ in feed_batches(held_feeds, batch, dynamic_batch(original))]
-    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(original)
     reference = [session.run(None, feed) for feed in check]
     working = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
     curves = {}
@@ -552,7 +551,7 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
                 columns = _surviving_columns(view, in_keep, layer.theta.shape[0], view.has_bias)
                 _write_original_coordinates(view, layer.theta[columns], in_keep, trial)
             model = _with_weights(original, trial)
-            pruned = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            pruned = make_session(model)
             damage.append(float(np.mean([output_damage(ref, pruned.run(None, feed))
                                          for ref, feed in zip(reference, check)])))
         curves[gid] = DamageCurve(gid, [0] + targets, damage)

@@ -65,8 +65,8 @@ def channel_map(original: onnx.ModelProto, analysis, plan) -> dict[str, np.ndarr
 
 
 def up_to(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` computing only what `tensors` need, with them as its outputs (a layer's statistics
-    then cost the part of the network before it, not all of it)."""
+    """A copy of `model` computing only what `tensors` need, with them as its outputs and only the weights those
+    nodes read (a layer's statistics then cost the part of the network before it, not all of it)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     needed, stack = set(), list(tensors)
     while stack:
@@ -76,34 +76,30 @@ def up_to(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
         needed.add(id(node))
         stack.extend(node.input)
     kept = [node for node in model.graph.node if id(node) in needed]
+    read = {name for node in kept for name in node.input}
     truncated = onnx.ModelProto()
     truncated.CopyFrom(model)
     del truncated.graph.node[:]
     truncated.graph.node.extend(kept)
     del truncated.graph.output[:]
     truncated.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    dropped = {t.name for t in truncated.graph.initializer if t.name not in read}
+    weights = [t for t in truncated.graph.initializer if t.name in read]
+    inputs = [i for i in truncated.graph.input if i.name not in dropped]  # (old exports list weights as inputs)
+    del truncated.graph.initializer[:], truncated.graph.input[:]
+    truncated.graph.initializer.extend(weights)
+    truncated.graph.input.extend(inputs)
     return truncated
 
 
 def output_moments(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, ChannelMoments]:
     """Per tensor, the mean and standard deviation of each channel (axis 1) over the samples and positions of
-    `feeds`, accumulated batch by batch in float64."""
-    from onnx_prune.passes.sensitivity import cpu_session
+    `feeds`."""
+    from onnx_prune.analysis.expected import channel_moments
+    from onnx_prune.runtime.sessions import make_session
 
-    session = cpu_session(up_to(model, tensors))
-    sums, squares, counts = {}, {}, dict.fromkeys(tensors, 0)
-    for feed in feeds:
-        for tensor, array in zip(tensors, session.run(tensors, feed)):
-            flat = np.moveaxis(np.asarray(array, dtype=np.float64), 1, 0).reshape(array.shape[1], -1)
-            sums[tensor] = sums.get(tensor, 0.0) + flat.sum(axis=1)
-            squares[tensor] = squares.get(tensor, 0.0) + np.einsum("ij,ij->i", flat, flat)
-            counts[tensor] += flat.shape[1]
-    out = {}
-    for tensor in tensors:
-        n = max(counts[tensor], 1)
-        mean = sums[tensor] / n
-        out[tensor] = ChannelMoments(mean, np.sqrt(np.maximum(squares[tensor] / n - mean * mean, 0.0)))
-    return out
+    moments = channel_moments(make_session(up_to(model, tensors)), tensors, feeds, dict.fromkeys(tensors, 1))
+    return {t: ChannelMoments(mean, np.sqrt(var)) for t, (mean, var) in moments.items()}
 
 
 def affine_correction(target: ChannelMoments, current: ChannelMoments, spread: bool = True
@@ -156,8 +152,10 @@ class RecalibratePass(Pass):
             raise PreconditionError("recalibration needs at least 2 calibration feeds (to fit and to check)")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        from onnx_prune.passes.sensitivity import cpu_session, output_damage
         from onnx_prune.passes.obs import split_by_source
+        from onnx_prune.passes.sensitivity import output_damage
+        from onnx_prune.runtime.calibration import sample_count
+        from onnx_prune.runtime.sessions import make_session
 
         fit, held = split_by_source(self.feeds, self.sources, self.held)
         graph_outputs = {o.name for o in model.graph.output}
@@ -181,12 +179,14 @@ class RecalibratePass(Pass):
             _apply(corrected, by_name[node.name], scale, shift)
             if self.progress is not None:
                 self.progress(f"recalibrate: layer {step + 1}/{len(nodes)} {node.name}")
-        reference = cpu_session(self.original)
-        outputs = [reference.run(None, feed) for feed in held]
-        before = float(np.mean([output_damage(r, cpu_session(model).run(None, f)) for r, f in zip(outputs, held)]))
-        after_session = cpu_session(corrected)
-        after = float(np.mean([output_damage(r, after_session.run(None, f)) for r, f in zip(outputs, held)]))
-        details = {"layers": len(nodes), "held_out_samples": _count(held),
+        reference = [make_session(self.original).run(None, feed) for feed in held]
+
+        def damage(candidate: onnx.ModelProto) -> float:
+            session = make_session(candidate)
+            return float(np.mean([output_damage(r, session.run(None, f)) for r, f in zip(reference, held)]))
+
+        before, after = damage(model), damage(corrected)
+        details = {"layers": len(nodes), "held_out_samples": sum(sample_count(f) for f in held),
                    "held_out_damage_before": before, "held_out_damage_after": after}
         if not after < before:
             return PassResult(model, False, details={**details, "recalibrated": 0,
@@ -202,8 +202,3 @@ class RecalibratePass(Pass):
         out_axis, _ = weight_axes(node, len(weight.dims))
         return weight.dims[out_axis] == len(self.mapping[node.name])
 
-
-def _count(feeds: list[dict]) -> int:
-    from onnx_prune.runtime.calibration import sample_count
-
-    return int(sum(sample_count(f) for f in feeds))

@@ -14,7 +14,6 @@ The same curves, measured with OBS selection and reconstruction instead, drive t
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,8 +42,8 @@ def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> flo
 
 @dataclass
 class DamageCurve:
-    """Output damage of pruning one group alone (OBS selection and reconstruction of its consumers) at a few
-    removal counts; 0 removed costs 0."""
+    """Output damage of pruning one group alone at a few removal counts (by the method's selection and
+    compensation, or, for `obs`, OBS selection and reconstruction of its consumers); 0 removed costs 0."""
     group: int
     removed: list[int]      # channel counts removed, increasing, starting at 0
     damage: list[float]     # measured output damage at each
@@ -105,20 +104,13 @@ def damage_counts(prepared, curves: dict[int, DamageCurve], group_ids, target, c
     else:
         allocator = make_allocator(scores)
     allocator.comparable = True  # the scores are damage per MAC in every group: rank them as they are
-    counts = allocator.counts_for(target, "global")
-    if target.kind in ("macs", "params"):
-        from onnx_prune.passes.allocate import TARGET_TOLERANCE
-
-        if abs(allocator.fraction(counts, target) - target.value) > target.value * TARGET_TOLERANCE:
-            counts = allocator.greedy_fill(target)  # coarse rounding steps passed the target: skip those
-    return counts
-
-
+    return allocator.counts_for(target, "global")
 
 
 def damage_inputs(model, calibration: list[dict] | None, samples: int = SYNTHETIC_SAMPLES, seed: int = 0,
                   normalization: tuple | None = None, shapes: dict | None = None) -> tuple[list[dict], str]:
-    """(feeds, source): the first `samples` calibration samples, or synthetic 1/f-noise images without data."""
+    """(feeds, source): about `samples` calibration samples spread over the set (`spread_samples`), or
+    synthetic 1/f-noise images without data."""
     if calibration:
         return spread_samples(model, calibration, samples), "calibration"
     from onnx_prune.analysis.expected import synthetic_inputs
@@ -149,15 +141,6 @@ def spread_samples(model, feeds: list[dict], samples: int, batch: int = 16) -> l
     return [{name: array[i:i + batch] for name, array in chosen.items()} for i in range(0, len(picks), batch)]
 
 
-def cpu_session(model):
-    """A CPU onnxruntime session of `model`, quiet."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def removal_counts(size: int, n_free: int, settle: Callable[[int], int], shares=DEFAULT_SHARES) -> list[int]:
     """Channel counts removed at each share of the free channels, after the caller's rounding (`settle`: kept
     count -> the kept count the constraints allow); distinct, increasing, above 0."""
@@ -177,7 +160,9 @@ def selection_damage_curves(model, allocator, group_ids, feeds: list[dict],
     channels, chosen by `allocator`'s scores (or `select`, the method's own selection) and turned into a model
     by `pruned_model(plan)` (the caller's compensation and rewrite).  `model` is the prepared model the plans
     refer to.  Groups whose rounding leaves nothing to remove get no curve (the allocator keeps them whole)."""
-    reference_session = cpu_session(model)
+    from onnx_prune.runtime.sessions import make_session
+
+    reference_session = make_session(model)
     reference = [reference_session.run(None, feed) for feed in feeds]
     analysis = allocator.analysis
     curves = {}
@@ -191,7 +176,7 @@ def selection_damage_curves(model, allocator, group_ids, feeds: list[dict],
         damage = [0.0]
         for removed in counts:
             plan = allocator.plan_for_counts({gid: group.size - removed}, select, snap=False)
-            session = cpu_session(pruned_model(plan))
+            session = make_session(pruned_model(plan))
             damage.append(float(np.mean([output_damage(ref, session.run(None, feed))
                                          for ref, feed in zip(reference, feeds)])))
         curves[gid] = DamageCurve(gid, [0] + counts, damage)
@@ -199,7 +184,3 @@ def selection_damage_curves(model, allocator, group_ids, feeds: list[dict],
             progress(f"sensitivity: group {step + 1}/{len(group_ids)} {group.name}: "
                      + ", ".join(f"-{k}/{group.size} -> {d:.3g}" for k, d in zip(counts, damage[1:])))
     return curves
-
-
-def stderr_progress(quiet: bool) -> Callable[[str], None] | None:
-    return None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
