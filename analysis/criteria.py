@@ -285,6 +285,13 @@ def _bn_affine(bn: onnx.NodeProto, weights: Weights) -> tuple[np.ndarray, np.nda
     return scale, beta - mean * scale
 
 
+def weight_shape(weights: Weights, name: str) -> tuple[int, ...]:
+    """The shape of weight `name`: from the reader's `shape` (the initializer's dims, nothing decoded) where it
+    has one (`runtime.io.WeightReader`), else from the decoded array (plain callables, in tests)."""
+    shape = getattr(weights, "shape", None)
+    return tuple(shape(name)) if callable(shape) else weights(name).shape
+
+
 def _rows(member: Member, weights: Weights) -> np.ndarray:
     array = np.moveaxis(weights(member.param), member.axis, 0)
     return array.reshape(array.shape[0], -1)[member.positions].astype(np.float64)
@@ -315,15 +322,16 @@ def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("produ
             by_node.setdefault((member.node, member.role), []).append(member)
     sets = []
     for (node, role), members in by_node.items():
-        weight = max(members, key=lambda m: weights(m.param).ndim)
-        if weights(weight.param).ndim < 2 and role != "carrier":
+        rank = {m.param: len(weight_shape(weights, m.param)) for m in members}  # read without decoding
+        weight = max(members, key=lambda m: rank[m.param])
+        if rank[weight.param] < 2 and role != "carrier":
             continue  # a bias alone
         if node in batchnorms and role == "carrier":
             sets.append(_batchnorm_carrier(batchnorms[node], members, weights))
             continue
         same = [m for m in members if np.array_equal(m.positions, weight.positions)]
         rows = _rows(weight, weights)
-        bias = next((_rows(m, weights)[:, 0] for m in same if m is not weight and weights(m.param).ndim == 1),
+        bias = next((_rows(m, weights)[:, 0] for m in same if m is not weight and rank[m.param] == 1),
                     np.zeros(len(rows)))
         factor = None
         if node in bn_after and role in ("producer", "carrier"):
@@ -334,9 +342,10 @@ def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("produ
                 bias = bias * scale[weight.positions] + shift[weight.positions]
             else:
                 factor = np.abs(weights(bn.input[1]).astype(np.float64))[weight.positions]
-        shape = weights(weight.param).shape
+        shape = weight_shape(weights, weight.param)
         kernel = int(np.prod(shape[2:])) if len(shape) > 2 and weight.axis in (0, 1) else 1
-        per_position = sum(int(np.prod(weights(m.param).shape)) // weights(m.param).shape[m.axis] for m in members)
+        per_position = sum(int(np.prod(weight_shape(weights, m.param))) // weight_shape(weights, m.param)[m.axis]
+                           for m in members)
         sets.append(FilterSet(node, role, np.column_stack([rows, bias]), weight.positions, weight.channels, kernel,
                               per_position, factor))
     return sets
@@ -448,7 +457,7 @@ def removed_weights(group: Group, weights: Weights) -> np.ndarray:
     """How many weights removing each channel deletes, over every member of the group."""
     count = np.zeros(group.size)
     for member in group.members:
-        shape = weights(member.param).shape
+        shape = weight_shape(weights, member.param)
         np.add.at(count, member.channels, int(np.prod(shape)) // shape[member.axis])
     return count
 

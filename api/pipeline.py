@@ -39,18 +39,14 @@ class Prepared:
     passes: tuple[str, ...] = ()  # graph passes applied before the analysis (e.g. FoldBatchNormPass)
     original: onnx.ModelProto | None = None  # the normalised model before those passes
 
-    def weights(self):
-        """Initializer name -> array, decoded once per prepared model however many steps ask."""
+    def weights(self) -> io.WeightReader:
+        """Initializer name -> array: small tensors decoded once per prepared model, large ones on each read
+        (not held for the prepared model's life); `.shape(name)` reads dims without decoding."""
         return self._weights
 
     @cached_property
-    def _weights(self):
-        inits = {t.name: t for t in self.model.graph.initializer}
-
-        @lru_cache(maxsize=None)
-        def read(name: str) -> np.ndarray:
-            return numpy_helper.to_array(inits[name])
-        return read
+    def _weights(self) -> io.WeightReader:
+        return io.WeightReader(self.model)
 
 
 def prepare(model: "ModelLike | Prepared", passes: list | tuple = ()) -> Prepared:

@@ -102,6 +102,49 @@ def load(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, path, external)
 
 
+# --- reading weights
+
+CACHED_WEIGHT_BYTES = 1 << 20  # weights up to this size are decoded once and kept; larger ones on every read
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values from its dims and type, without reading them (0 for strings)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+class WeightReader:
+    """Initializer name -> array (read-only), for analysis steps that ask for the same weights many times.
+
+    Small tensors (biases, BatchNorm parameters, shape constants: read over and over) are decoded once and
+    kept; larger ones are decoded on each read and released by the caller, so that a prepared model does not
+    hold a second, decoded copy of its weights for its whole life.  `shape` reads the dims without decoding."""
+
+    def __init__(self, model: onnx.ModelProto, cache_limit: int | None = None):
+        self._tensors = {t.name: t for t in model.graph.initializer}
+        self._cache: dict[str, np.ndarray] = {}
+        self.cache_limit = CACHED_WEIGHT_BYTES if cache_limit is None else cache_limit
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name in self._cache:
+            return self._cache[name]
+        tensor = self._tensors[name]
+        array = numpy_helper.to_array(tensor)
+        if tensor_nbytes(tensor) <= self.cache_limit:
+            self._cache[name] = array
+        return array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].dims)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the decoded-weights cache."""
+        return sum(array.nbytes for array in self._cache.values())
+
+
 # --- which files a model reads, and which paths a run may write
 
 def external_data_files(model_path: str | os.PathLike) -> list[Path]:
