@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 import numpy as np
 import onnx
 
-from onnx_prune.passes.base import Pass, PassResult, copy_model
+from onnx_prune.passes.base import Pass, PassResult, model_without_weights
 
 _SCALAR_ATTRS = {
     "value_float": np.float32, "value_int": np.int64,
@@ -39,13 +39,18 @@ def _constant_tensor(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None
 class NormalizeWeightsPass(Pass):
     """Constants to initializers, Identity-of-weight bypassed, unique node names.  Its ensures (Pass) check
     onnx.checker, output shapes and the input left alone; the function is not re-run on every prepare (it would
-    run any model twice through onnxruntime), tests/test_passes.py checks it on the fixtures."""
+    run any model twice through onnxruntime), tests/test_passes.py checks it on the fixtures.
+
+    The work happens on a copy of the graph without its weights; the weights are copied only when something
+    changed, and a model that needs nothing is returned as it is (unmodified): a prepared model then holds no
+    second copy of the user's weights."""
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        model = copy_model(model)
-        graph = model.graph
+        out = model_without_weights(model)
+        graph = out.graph
         outputs = {o.name for o in graph.output}
-        initializers = {t.name for t in graph.initializer}
+        tensors = {t.name: t for t in model.graph.initializer}  # read only; new tensors go to `added`
+        added: list[onnx.TensorProto] = []
         rename: dict[str, str] = {}
         kept = []
         modified = False
@@ -55,11 +60,11 @@ class NormalizeWeightsPass(Pass):
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
                 tensor = _constant_tensor(node, node.output[0])
                 if tensor is not None:
-                    graph.initializer.append(tensor)
-                    initializers.add(tensor.name)
+                    added.append(tensor)
+                    tensors[tensor.name] = tensor
                     modified = True
                     continue
-            if (node.op_type == "Identity" and node.input[0] in initializers
+            if (node.op_type == "Identity" and node.input[0] in tensors
                     and node.output[0] not in outputs):
                 rename[node.output[0]] = node.input[0]
                 modified = True
@@ -69,10 +74,14 @@ class NormalizeWeightsPass(Pass):
             del graph.node[:]
             graph.node.extend(kept)
             _rename_in_subgraphs(graph, rename)
-        modified |= _unshare_uniform_tensors(graph)
+        modified |= _unshare_uniform_tensors(graph, tensors, added)
         modified |= _negative_dims_to_symbols(graph)
         modified |= _name_nodes(graph)
-        return PassResult(model, modified)
+        if not modified:
+            return PassResult(model, False)
+        graph.initializer.extend(model.graph.initializer)
+        graph.initializer.extend(added)
+        return PassResult(out, True)
 
 
 def _rename_in_subgraphs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
@@ -102,23 +111,24 @@ def _negative_dims_to_symbols(graph: onnx.GraphProto) -> bool:
     return changed
 
 
-def _unshare_uniform_tensors(graph: onnx.GraphProto) -> bool:
-    inits = {t.name: t for t in graph.initializer}
+def _unshare_uniform_tensors(graph: onnx.GraphProto, tensors: dict[str, onnx.TensorProto],
+                             added: list[onnx.TensorProto]) -> bool:
+    """Give each reader of a shared all-equal tensor (`tensors` by name) a copy of its own, appended to `added`."""
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in inits:
+            if name in tensors:
                 readers.setdefault(name, []).append((node, i))
     changed = False
     for name, uses in readers.items():
-        if len(uses) < 2 or len(inits[name].dims) == 0:
+        if len(uses) < 2 or len(tensors[name].dims) == 0:
             continue
-        value = numpy_helper.to_array(inits[name])
+        value = numpy_helper.to_array(tensors[name])
         if value.size < 2 or not (value == value.reshape(-1)[0]).all():
             continue
         for k, (node, i) in enumerate(uses[1:], start=1):
             copy_name = f"{name}__{k}"
-            graph.initializer.append(numpy_helper.from_array(value, copy_name))
+            added.append(numpy_helper.from_array(value, copy_name))
             node.input[i] = copy_name
         changed = True
     return changed

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from onnx_prune.analysis.channels import ChannelAnalysis
 from onnx_prune.analysis.layers import attr, readers_of, weight_axes
 from onnx_prune.passes.allocate import kept_ids
-from onnx_prune.passes.base import Pass, PassResult, PreconditionError, copy_model
+from onnx_prune.passes.base import Pass, PassResult, PreconditionError, copy_model, model_without_weights
 from onnx_prune.passes.plan import Plan
 
 DENSE_FOLD_LIMIT = 4_000_000  # fold matrices larger than this are built sparse
@@ -48,21 +48,26 @@ class ApplyPlanPass(Pass):
         if not self.plan.removes_anything(sizes):
             return PassResult(copy_model(model), False)
         kept = kept_ids(self.analysis, self.plan)
-        out = copy_model(model)
-        graph = out.graph
         param_edits = _param_edits(self.analysis)
-        param_edits.update(_fold_shifts(out, self.analysis, self.plan, param_edits))
+        edited = {param for param, edits in param_edits.items()
+                  if not all(kept[ids].all() and not self._combines(ids, role) for _, ids, role in edits)}
+        out, source = _copy_except(model, edited)
+        graph = out.graph
+        param_edits.update(_fold_shifts(out, self.analysis, self.plan, param_edits, source))
         inits = {t.name: t for t in graph.initializer}
         for param, edits in param_edits.items():
             if all(kept[ids].all() and not self._combines(ids, role) for _, ids, role in edits):
                 continue
-            array = numpy_helper.to_array(inits[param])
+            array = _read(param, inits, source)
             for axis, ids, role in edits:
                 if self._combines(ids, role):
                     array = _combine(array, axis, ids, self.analysis, self.plan, kept, _matrix_for(role))
                 elif not kept[ids].all():
                     array = np.take(array, np.nonzero(kept[ids])[0], axis=axis)
             inits[param].CopyFrom(numpy_helper.from_array(array, param))
+            source.pop(param, None)
+        for name, tensor in source.items():  # (none left: every edited weight was written above)
+            inits[name].CopyFrom(tensor)
         _apply_shape_edits(out, self.analysis, kept)
         _update_value_info(graph, self.analysis, kept)
         return PassResult(out, True)  # ensures (Pass): checker, output shapes, input untouched
@@ -72,6 +77,26 @@ class ApplyPlanPass(Pass):
         attribute = _matrix_for(role)
         plans = (self.plan.groups.get(int(g)) for g in np.unique(self.analysis.id_group[ids]))
         return any(p is not None and getattr(p, attribute) is not None for p in plans)
+
+
+def _copy_except(model: onnx.ModelProto, edited: set[str]) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of `model` in which the weights about to be rewritten are placeholders (name, type and dims, no
+    data) in their places, and those weights of `model` by name: the rewrite reads them from there and writes
+    each result into its placeholder, so the whole model is never copied before it is sliced (peak memory)."""
+    out = model_without_weights(model)
+    source = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in edited:
+            out.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            source[tensor.name] = tensor
+        else:
+            out.graph.initializer.append(tensor)
+    return out, source
+
+
+def _read(name: str, inits: dict[str, onnx.TensorProto], source: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """A weight's values: from the input model while its place in the copy is a placeholder."""
+    return numpy_helper.to_array(source[name] if name in source else inits[name])
 
 
 def _shift_nodes(analysis: ChannelAnalysis, plan: Plan) -> list[str]:
@@ -123,9 +148,10 @@ def _bias_delta(node: onnx.NodeProto, weight: np.ndarray, shift: np.ndarray) -> 
 
 
 def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
-                 edits: dict[str, list]) -> dict[str, list]:
+                 edits: dict[str, list], source: dict[str, onnx.TensorProto]) -> dict[str, list]:
     """Add every consumer's bias delta in place (original weights); new or copied biases are returned with the
-    edits that slice them with the layer's output channels."""
+    edits that slice them with the layer's output channels.  `source`: the weights `model` holds as placeholders
+    (`_copy_except`), read from there; a bias written here leaves it."""
     nodes = _shift_nodes(analysis, plan)
     if not nodes:
         return {}
@@ -140,11 +166,11 @@ def _fold_shifts(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Plan,
         shift = _read_shift(analysis, plan, node)
         if shift is None:
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = _read(node.input[1], inits, source)
         delta = _bias_delta(node, weight, shift)
         out_lay = analysis.layouts.get(node.output[0])
         out_ids = None if out_lay is None else out_lay.ids
-        context = (graph, inits, readers, edits, new_edits, weight.dtype, out_ids)
+        context = (graph, inits, readers, edits, new_edits, weight.dtype, out_ids, source)
         if node.op_type in ("Conv", "ConvTranspose"):
             _add_to_input(node, 2, delta, *context)
         elif node.op_type == "Gemm":
@@ -201,11 +227,11 @@ def _unique(base: str, inits, graph) -> str:
     return name
 
 
-def _add_to_input(node, index, delta, graph, inits, readers, edits, new_edits, dtype, out_ids) -> None:
+def _add_to_input(node, index, delta, graph, inits, readers, edits, new_edits, dtype, out_ids, source) -> None:
     """node.input[index] += delta (per output channel, on its last axis); in place where this node alone reads
     it and its shape holds, else as a new initializer that follows the output channels."""
     name = node.input[index] if index < len(node.input) else ""
-    old = numpy_helper.to_array(inits[name]) if name else None
+    old = _read(name, inits, source) if name else None
     if old is not None:
         new = old.astype(np.float64) + delta
         dtype = old.dtype
@@ -214,6 +240,7 @@ def _add_to_input(node, index, delta, graph, inits, readers, edits, new_edits, d
     new = new.astype(dtype)
     if old is not None and len(readers[name]) == 1 and new.shape == old.shape:
         inits[name].CopyFrom(numpy_helper.from_array(new, name))
+        source.pop(name, None)
         return
     new_name = _unique(f"{name or node.name}__shift", inits, graph)
     tensor = numpy_helper.from_array(new, new_name)

@@ -298,9 +298,80 @@ def test_digest_covers_every_weight_and_the_graph(monkeypatch):
     renamed = copy_model(model)
     renamed.graph.node[0].name += "_x"
     assert base.model_digest(renamed) != large
-    monkeypatch.setattr(base, "PROTO_LIMIT_BYTES", 16)  # checks past protobuf's limit go through a file
+    monkeypatch.setattr(base, "DIRECT_CHECK_BYTES", 16)  # checks of larger models go through a weightless file
     changed = copy_model(model)
     changed.graph.initializer[0].CopyFrom(_tensor("w", numpy_helper.to_array(changed.graph.initializer[0]) + 1))
     assert base.model_digest(changed) != large
     with pytest.raises(PostconditionError):  # the mutation check works on that path too
         MutatingPass()(model)
+
+
+# --- the onnx.checker step of the contracts, without the weights' bytes
+
+class TruncatedWeightPass(Pass):
+    """Cuts the last value off a weight's bytes (dims unchanged): the checker's data-size check must catch it."""
+    def call(self, model):
+        out = copy_model(model)
+        tensor = next(t for t in out.graph.initializer if t.name == "w")
+        tensor.raw_data = tensor.raw_data[:-4]
+        return PassResult(out, True)
+
+
+class TwoValueFieldsPass(Pass):
+    """Leaves a weight with both raw_data and float_data."""
+    def call(self, model):
+        out = copy_model(model)
+        next(t for t in out.graph.initializer if t.name == "w").float_data.append(1.0)
+        return PassResult(out, True)
+
+
+class DuplicateInitializerPass(Pass):
+    """Adds a second initializer under an existing weight's name."""
+    def call(self, model):
+        out = copy_model(model)
+        out.graph.initializer.append(out.graph.initializer[0])
+        return PassResult(out, True)
+
+
+def _weightless_checks(monkeypatch):
+    """Every model goes through the stub path (all weights as stubs); returns what onnx.checker was handed."""
+    import onnx_prune.passes.base as base
+
+    monkeypatch.setattr(base, "DIRECT_CHECK_BYTES", 0)
+    monkeypatch.setattr(base, "STUB_BYTES", 0)
+    handed = []
+    check = onnx.checker.check_model
+
+    def spy(model, *args, **kwargs):
+        handed.append(onnx.load(model, load_external_data=False) if isinstance(model, str) else model)
+        return check(model, *args, **kwargs)
+
+    monkeypatch.setattr(base.onnx.checker, "check_model", spy)
+    return handed
+
+
+@pytest.mark.parametrize("broken", [DanglingInputPass(), TruncatedWeightPass(), TwoValueFieldsPass(),
+                                    DuplicateInitializerPass()])
+def test_weightless_check_rejects_what_the_checker_rejects(monkeypatch, broken):
+    """The contract's check sees stubs instead of weights, yet rejects a broken graph and broken weight data
+    as onnx.checker on the whole model does."""
+    model = conv_bn_model()
+    with pytest.raises(onnx.checker.ValidationError):  # onnx.checker itself, on the whole result
+        onnx.checker.check_model(broken.call(model).model)
+    _weightless_checks(monkeypatch)
+    with pytest.raises(PostconditionError, match="onnx.checker"):
+        broken(model)
+
+
+def test_weightless_check_hands_the_checker_no_weight_bytes(monkeypatch):
+    handed = _weightless_checks(monkeypatch)
+    model = conv_bn_model()
+    result = CopyPass()(model)
+    assert result.details == {"copied": True}
+    assert handed, "the contract ran onnx.checker"
+    for checked in handed:
+        names = [t.name for t in checked.graph.initializer]
+        assert names == [t.name for t in model.graph.initializer]
+        for stub, tensor in zip(checked.graph.initializer, model.graph.initializer):
+            assert not stub.raw_data and list(stub.dims) == list(tensor.dims)
+            assert stub.data_location == onnx.TensorProto.EXTERNAL and stub.data_type == tensor.data_type
