@@ -21,25 +21,34 @@ from scipy.cluster.vq import kmeans2
 
 from onnx_prune.analysis.channels import ChannelAnalysis, Group
 from onnx_prune.analysis.criteria import Scoring, channel_scores, filter_sets
+from onnx_prune.passes.allocate import select_top
+from onnx_prune.passes.merge import identical_rows
 from onnx_prune.passes.plan import GroupPlan, Plan
 
 KMEANS_ITERATIONS = 10  # scipy's default; on the zoo the spread no longer changes after it
 
 
-def channel_features(group: Group, scoring: Scoring) -> np.ndarray:
-    """One row per channel: its [W | b] rows in every producer of the group, BatchNorm folded, concatenated.
+def channel_features(group: Group, scoring: Scoring, roles: tuple[str, ...] = ("producer", "carrier")
+                     ) -> np.ndarray:
+    """One row per channel: its [W | b] rows in every producer and carrier of the group (depthwise kernels,
+    per-channel constants), BatchNorm folded, concatenated, each layer scaled to a mean row norm of 1.
 
-    A channel owning several positions of a producer (a grouped conv repeats it in every conv group) gets all
-    of them side by side; a producer that does not write a channel leaves zeros."""
+    Carriers count because the merge averages their rows too: two channels with the same expand rows but
+    different depthwise kernels are different channels (clustering the producers alone merged them, averaging
+    the kernels -- on the pretrained MobileNetV2 that is most of what merging did).  Each layer weighs the
+    same, whatever its fan-in or scale.  A channel owning several positions of a layer (a grouped conv repeats
+    it in every conv group) gets all of them side by side; a layer that does not touch a channel leaves zeros."""
     parts = []
-    for filters in filter_sets(group, scoring.weights, ("producer",), scoring.bn_after):
+    for filters in filter_sets(group, scoring.weights, roles, scoring.bn_after):
         order = np.lexsort((filters.positions, filters.channels))
         channels = filters.channels[order]
         starts = np.searchsorted(channels, channels)
         slot = np.arange(len(channels)) - starts  # occurrence of the channel among its positions
         block = np.zeros((group.size, int(slot.max()) + 1, filters.rows.shape[1]))
         block[channels, slot] = filters.rows[order]
-        parts.append(block.reshape(group.size, -1))
+        block = block.reshape(group.size, -1)
+        scale = np.linalg.norm(block, axis=1).mean()
+        parts.append(block / scale if scale > 0 else block)
     return np.hstack(parts) if parts else np.zeros((group.size, 0))
 
 
@@ -110,6 +119,7 @@ class ClusterStats:
     kept: int
     cluster_sizes: list[int]   # per kept channel, in `keep` order
     spread: float              # mean distance of a channel's filters to its cluster centre / mean filter norm
+    pruned: int = 0            # channels removed without merging (a linear stream's, `CentripetalSelect`)
 
     @property
     def merged(self) -> int:
@@ -133,6 +143,8 @@ class CentripetalSelect:
 
     def __call__(self, group: Group, n_keep: int) -> GroupPlan:
         features = channel_features(group, self.scoring)
+        if self._reads_linear(group):
+            return self._prune_linear(group, n_keep, features)
         free = np.flatnonzero(~group.frozen)
         frozen = np.flatnonzero(group.frozen)
         n_free_kept = n_keep - len(frozen)
@@ -159,6 +171,34 @@ class CentripetalSelect:
                                             [len(c[1]) for c in plan_columns],
                                             float(distance.mean() / mean_norm) if mean_norm > 0 else 0.0)
         return GroupPlan(keep, fold, merge)
+
+    def _reads_linear(self, group: Group) -> bool:
+        """Do the group's consumers read a linear stream (no activation between the producers and them: a
+        linear bottleneck, a residual sum)?  Unknown (no statistics to say) counts as no."""
+        if self.scoring.statistics is None:
+            return False
+        stats = self.scoring.group_statistics(group.id)
+        return stats is not None and any(not read.activated for read in stats.reads.values())
+
+    def _prune_linear(self, group: Group, n_keep: int, features: np.ndarray) -> GroupPlan:
+        """A linear stream's channels are not merged unless identical: exact duplicates fold into their first
+        copy, the rest are pruned by `bnvar` (and compensated like plain pruning).  Averaging distinct linear
+        channels was the costliest merge measured: pruning a quarter of one of the pretrained MobileNetV2's
+        bottleneck groups cost 2-3x the output KL of pruning it by bnvar (benchmarks/results/merge_quality.md)."""
+        scores = channel_scores(group, self.scoring, "bnvar", "domino-o")
+        first, labels = identical_rows(features)
+        twin_of = first[labels]  # each channel's first identical copy (itself for the first)
+        twin = (twin_of != np.arange(group.size)) & ~group.frozen
+        keep = select_top(np.where(twin, -np.inf, scores), group.frozen, n_keep)
+        column = np.full(group.size, -1)
+        column[keep] = np.arange(len(keep))
+        fold = np.eye(group.size)[:, keep]
+        folded = (column < 0) & (column[twin_of] >= 0)  # removed, with its identical copy kept
+        fold[np.flatnonzero(folded), column[twin_of[folded]]] = 1.0
+        sizes = fold.sum(axis=0).astype(int).tolist()
+        self.stats[group.id] = ClusterStats(group.id, group.name, group.size, len(keep), sizes, 0.0,
+                                            group.size - sum(sizes))
+        return GroupPlan(keep, fold if folded.any() else None)
 
     def _column(self, features: np.ndarray, cluster: np.ndarray):
         """(representative channel, members, merge weights, centre row) of one cluster."""
