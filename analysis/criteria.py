@@ -60,7 +60,7 @@ def l1(filters: FilterSet, **_) -> np.ndarray:
 
 
 def l2(filters: FilterSet, **_) -> np.ndarray:
-    return np.sqrt((filters.rows ** 2).sum(axis=1))
+    return np.sqrt(row_energy(filters.rows))
 
 
 def fpgm(filters: FilterSet, **_) -> np.ndarray:
@@ -293,8 +293,32 @@ def weight_shape(weights: Weights, name: str) -> tuple[int, ...]:
 
 
 def _rows(member: Member, weights: Weights) -> np.ndarray:
-    array = np.moveaxis(weights(member.param), member.axis, 0)
-    return array.reshape(array.shape[0], -1)[member.positions].astype(np.float64)
+    """The member's positions as rows (positions, features), in the weight's own type: callers widen them to
+    float64 where they store them (one float64 copy of a large weight, not three)."""
+    array = weights(member.param)
+    size, positions = array.shape[member.axis], member.positions
+    if not (len(positions) == size and np.array_equal(positions, np.arange(size))):
+        array = np.take(array, positions, axis=member.axis)
+    return np.moveaxis(array, member.axis, 0).reshape(len(positions), -1)
+
+
+def _with_bias(rows: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """float64 [rows | bias], filled in place (`np.column_stack` of float64 rows, without their extra copy)."""
+    table = np.empty((len(rows), rows.shape[1] + 1))
+    table[:, :-1] = rows
+    table[:, -1] = bias
+    return table
+
+
+ENERGY_BLOCK = 256  # rows squared at a time: the squares of a large layer are never held whole
+
+
+def row_energy(rows: np.ndarray) -> np.ndarray:
+    """(rows ** 2).sum(axis=1), block by block (the same sums: each row is reduced alone)."""
+    out = np.empty(len(rows))
+    for begin in range(0, len(rows), ENERGY_BLOCK):
+        out[begin:begin + ENERGY_BLOCK] = (rows[begin:begin + ENERGY_BLOCK] ** 2).sum(axis=1)
+    return out
 
 
 BN_MODES = ("folded", "gamma")  # how a BatchNorm after a layer enters its filters' scores
@@ -331,8 +355,8 @@ def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("produ
             continue
         same = [m for m in members if np.array_equal(m.positions, weight.positions)]
         rows = _rows(weight, weights)
-        bias = next((_rows(m, weights)[:, 0] for m in same if m is not weight and rank[m.param] == 1),
-                    np.zeros(len(rows)))
+        bias = next((_rows(m, weights)[:, 0].astype(np.float64) for m in same
+                     if m is not weight and rank[m.param] == 1), np.zeros(len(rows)))
         factor = None
         if node in bn_after and role in ("producer", "carrier"):
             bn = bn_after[node]
@@ -346,7 +370,7 @@ def filter_sets(group: Group, weights: Weights, roles: tuple[str, ...] = ("produ
         kernel = int(np.prod(shape[2:])) if len(shape) > 2 and weight.axis in (0, 1) else 1
         per_position = sum(int(np.prod(weight_shape(weights, m.param))) // weight_shape(weights, m.param)[m.axis]
                            for m in members)
-        sets.append(FilterSet(node, role, np.column_stack([rows, bias]), weight.positions, weight.channels, kernel,
+        sets.append(FilterSet(node, role, _with_bias(rows, bias), weight.positions, weight.channels, kernel,
                               per_position, factor))
     return sets
 
@@ -505,6 +529,6 @@ def variance_scores(group: Group, scoring: Scoring) -> np.ndarray | None:
             # datafree_experiments.md), so every varying channel counts 1 and the consumer weights decide
             var = np.where(deterministic, 0.0, 1.0)
         var = np.where(np.isfinite(var), var, 0.0)  # NaN: this consumer does not read the channel
-        energy = (consumer.rows[:, :-1] ** 2).sum(axis=1)  # ||W_k[:, position]||^2 (no bias column)
+        energy = row_energy(consumer.rows[:, :-1])  # ||W_k[:, position]||^2 (no bias column)
         np.add.at(score, consumer.channels, energy * var[consumer.channels])
     return score

@@ -94,8 +94,10 @@ def load(path: str | os.PathLike) -> LoadedModel:
         except Exception as err:  # onnx raises OSError, ValueError or its C++ ValidationError here
             raise PruneError(f"{path}: cannot read its external data: {_first_line(err, type(err).__name__)}") \
                 from None
+    from onnx_prune.passes.base import check_model
+
     try:
-        onnx.checker.check_model(model)
+        check_model(model)  # the graph, and each weight's size, without serialising the weights
     except Exception as err:  # ValidationError, or a C++ error for malformed data
         raise PruneError(f"{path} is not a valid ONNX model: {_first_line(err, 'check failed')}") from None
     remember_source(model, path)
@@ -297,10 +299,13 @@ def _externalise(model: onnx.ModelProto, data_file: Path, location: str) -> onnx
     """A copy of `model` whose large tensors live in `data_file` (named `location` relative to the model).
     Written here rather than by onnx.save, whose conversion checks the location against the working
     directory and whose writer creates the file with mode 0600."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    from onnx_prune.passes.base import model_without_weights
+
+    out = model_without_weights(model)  # weights are added one by one: never a second copy of all of them
     with open(data_file, "wb") as data:
-        for tensor in out.graph.initializer:
+        for source in model.graph.initializer:
+            out.graph.initializer.append(source)
+            tensor = out.graph.initializer[-1]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 continue
             if not tensor.HasField("raw_data"):
