@@ -328,6 +328,83 @@ def _externalise(model: onnx.ModelProto, data_file: Path, location: str) -> onnx
     return out
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _set_field(target, name: str, value) -> None:
+    if hasattr(value, "extend"):  # repeated field
+        getattr(target, name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # sub-message
+        getattr(target, name).CopyFrom(value)
+    else:
+        setattr(target, name, value)
+
+
+def _split_fields(message, number: int) -> tuple[bytes, bytes]:
+    """`message` serialised in two parts: its fields numbered below `number`, and those above (field `number`
+    itself is left out)."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number != number:
+            _set_field(head if field.number < number else tail, field.name, value)
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+_GRAPH_FIELD = 7         # ModelProto.graph
+_INITIALIZER_FIELD = 5   # GraphProto.initializer
+_RAW_DATA_FIELD = 9      # TensorProto.raw_data
+
+
+def _tag(number: int) -> bytes:
+    return _varint(number << 3 | 2)  # a length-delimited field
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    """Serialised size of `tensor`, without serialising its raw data (ByteSize would)."""
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    rest = onnx.TensorProto()
+    for field, value in tensor.ListFields():
+        if field.name != "raw_data":
+            _set_field(rest, field.name, value)
+    length = len(tensor.raw_data)
+    return rest.ByteSize() + len(_tag(_RAW_DATA_FIELD)) + len(_varint(length)) + length
+
+
+def _serialised_parts(model: onnx.ModelProto):
+    """The bytes of `model.SerializeToString()` as a sequence of parts, each weight serialised alone, so that
+    writing a model never holds all of its bytes at once (upb builds them in an arena and then copies them
+    into a Python bytes object: 2x the model).  Protobuf writes fields in number order: the model's fields
+    before its graph, the graph (nodes, name, initializers, the rest), then the model's later fields; that
+    order is checked on the weightless model, and where it does not hold the model is serialised whole."""
+    from onnx_prune.passes.base import model_without_weights
+
+    skeleton = model_without_weights(model)
+    graph_head, graph_tail = _split_fields(skeleton.graph, _INITIALIZER_FIELD)
+    model_head, model_tail = _split_fields(skeleton, _GRAPH_FIELD)
+    skeleton_graph = graph_head + graph_tail
+    if model_head + _tag(_GRAPH_FIELD) + _varint(len(skeleton_graph)) + skeleton_graph + model_tail \
+            != skeleton.SerializeToString():
+        yield model.SerializeToString()
+        return
+    sizes = [_tensor_size(t) for t in model.graph.initializer]
+    graph_size = len(skeleton_graph) + sum(len(_tag(_INITIALIZER_FIELD)) + len(_varint(n)) + n for n in sizes)
+    yield model_head + _tag(_GRAPH_FIELD) + _varint(graph_size) + graph_head
+    for tensor, size in zip(model.graph.initializer, sizes):
+        data = tensor.SerializeToString()
+        if len(data) != size:
+            raise AssertionError(f"{tensor.name}: serialised to {len(data)} bytes, expected {size}")
+        yield _tag(_INITIALIZER_FIELD) + _varint(size)
+        yield data
+    yield graph_tail + model_tail
+
+
 def _write_model_files(model: onnx.ModelProto, path: Path, external: bool) -> list[Path]:
     """Write `model` to `path` (and `<name>.data` beside it when external); returns the files written."""
     written = []
@@ -336,7 +413,8 @@ def _write_model_files(model: onnx.ModelProto, path: Path, external: bool) -> li
         model = _externalise(model, data_file, data_file.name)
         written.append(data_file)
     with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+        for part in _serialised_parts(model):
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
     written.append(path)
