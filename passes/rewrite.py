@@ -133,16 +133,17 @@ def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
 
 def _bias_delta(node: onnx.NodeProto, weight: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """What the consumer's output gains per output channel when its inputs carry `shift` (original weights)."""
-    w = weight.astype(np.float64)
     if node.op_type == "Conv":
-        n_out, per_group = w.shape[:2]
+        n_out, per_group = weight.shape[:2]
         group = attr(node, "group", 1)
-        taps = w.reshape(n_out, per_group, -1).sum(axis=2)
+        # summed in float64 as it is read (the same sums as on a float64 copy, without the copy)
+        taps = weight.reshape(n_out, per_group, -1).sum(axis=2, dtype=np.float64)
         by_group = shift.reshape(group, per_group)[np.arange(n_out) // (n_out // group)]
         return np.einsum("oi,oi->o", taps, by_group)
     if node.op_type == "ConvTranspose":
-        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+        taps = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2, dtype=np.float64)
         return shift @ taps / float(np.prod(attr(node, "strides", [1])))
+    w = weight.astype(np.float64)
     # Gemm, MatMul (alpha 1): the weight read as (inputs, outputs)
     return attr(node, "alpha", 1.0) * (shift @ np.moveaxis(w, weight_axes(node, w.ndim)[1], 0))
 
