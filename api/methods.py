@@ -113,17 +113,37 @@ class MethodInput:
         reports: uniform and global rank by `scores`; "sensitivity" measures each group's damage curve with the
         method's own selection (`select`) and compensation, and removes least damage per MAC saved first."""
         constraints, allocator = self.constraints, self.allocator(scores, cap)
-        if constraints.allocation != "sensitivity" or constraints.target.kind is None:
-            return allocator.counts_for(constraints.target, constraints.allocation), {}
+        allocation, why = self.allocation
+        chosen = {"allocation": {"used": allocation, "why": why}} if why else {}
+        if allocation != "sensitivity" or constraints.target.kind is None:
+            return allocator.counts_for(constraints.target, allocation), chosen
         from onnx_prune.passes.sensitivity import damage_counts
 
         curves, source = self.damage_curves(allocator, select)
         counts = damage_counts(self.prepared, curves, self.group_ids, constraints.target, self.cost_model(),
                                make_allocator=lambda s: self.allocator(s, cap), extrapolate=True)
         analysis = self.prepared.analysis
-        return counts, {"sensitivity": {
+        return counts, {**chosen, "sensitivity": {
             "inputs": source, "curves": {analysis.groups[g].name: c.to_dict() for g, c in sorted(curves.items())},
             "kept": {analysis.groups[g].name: f"{n}/{analysis.groups[g].size}" for g, n in sorted(counts.items())}}}
+
+    @cached_property
+    def allocation(self) -> tuple[str, str]:
+        """The allocation in force and, for "auto" without data, why: for a MAC or parameter target, sensitivity
+        when measuring its damage curves on synthetic images is affordable (`passes.sensitivity.affordable`);
+        uniform otherwise."""
+        allocation = self.constraints.allocation
+        if allocation != "auto":
+            return allocation, ""
+        from onnx_prune.passes.sensitivity import affordable
+
+        if self.constraints.target.kind not in ("macs", "params"):
+            return "uniform", ""  # a --ratio is a share of every group's channels; latency has its own model
+        chosen = affordable(self.prepared.model, len(self.group_ids), self.cost)
+        progress = self.opts.progress_printer()
+        if progress is not None:
+            progress(chosen[1])
+        return chosen
 
     def damage_curves(self, allocator: Allocator, select=None) -> tuple[dict, str]:
         """Per shrinking group, the output damage of pruning it alone (`passes.sensitivity`), through this

@@ -61,6 +61,10 @@ class PruneOptions:
                              "outputs measured (on --calib data, else on synthetic images), least damage per MAC "
                              "removed first; auto (default): sensitivity with --calib, uniform without",
                              group=CHOICE, choices=["auto", "uniform", "global", "sensitivity"])
+    steps: int = option(1, "reach a --target-macs/--target-params in this many prunes, each of the previous "
+                        "result at evenly spaced shares of the original (e.g. 3 steps to 67%%: 89%%, 78%%, 67%%); "
+                        "each step re-measures statistics, damage and recalibration (default 1)", group=CHOICE,
+                        metavar="K")
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit)",
                               group=CHOICE, metavar="R")
     round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "

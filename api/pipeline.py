@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Union
 
@@ -220,7 +220,10 @@ def sweep_configurations() -> list[SweepConfig]:
     """
     configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a}, accepts_calibration=(c, a) == DEFAULT)
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
-    configs += [SweepConfig("bnvar/domino-o/round-to-1", {"round_to": 1})]  # the default but unrounded
+    configs += [SweepConfig("bnvar/domino-o/round-to-1", {"round_to": 1}),  # the default but unrounded
+                SweepConfig("bnvar/domino-o/uniform", {"allocation": "uniform"}, accepts_calibration=True)]
+    # the default reached in several prunes (`--steps`), each on the previous result
+    configs += [SweepConfig(f"bnvar/domino-o/{k}-steps", {"steps": k}, accepts_calibration=True) for k in (2, 3)]
     # the same selections without expected-value compensation, to show what it buys
     configs += [SweepConfig(f"{c}/{a}/no-compensation", {"criterion": c, "aggregate": a, "compensate": False})
                 for c, a in (("l1", "first"), ("l2", "domino-o"), ("random", "first"), ("bnvar", "domino-o"))
@@ -257,6 +260,11 @@ def check_options(opts: PruneOptions) -> None:
                         ("--target-latency", opts.target_latency)):
         if value is not None and not 0.0 < value <= 1.0:
             raise PruneError(f"{name} is the fraction to keep, in (0, 1], got {value}")
+    if isinstance(opts.steps, bool) or not isinstance(opts.steps, int) or opts.steps < 1:
+        raise PruneError(f"--steps must be a positive integer, got {opts.steps}")
+    if opts.steps > 1 and opts.target_macs is None and opts.target_params is None:
+        raise PruneError("--steps needs --target-macs or --target-params (each step keeps a share of the "
+                         "original's MACs or parameters)")
     if not 0.0 < opts.max_ratio <= 1.0:
         raise PruneError(f"--max-ratio must be in (0, 1], got {opts.max_ratio}")
     if opts.criterion in CALIBRATION_CRITERIA and not opts.calib:
@@ -310,9 +318,8 @@ def constraints_of(opts: PruneOptions) -> Constraints:
     if target.kind == "latency" and round_to == PruneOptions.round_to:  # not set: auto goes with latency targets
         round_to = "auto"
     allocation = opts.allocation
-    if allocation == "auto":  # measured damage where data says what matters; without data the measurement
-        # on synthetic images costs groups x 3 forward passes and lost in 4 of 20 benchmark cells (README)
-        allocation = "sensitivity" if opts.calib else "uniform"
+    if allocation == "auto" and opts.calib:  # measured damage where data says what matters; without data
+        allocation = "sensitivity"  # MethodInput.allocation decides by the cost of measuring on synthetic images
     return Constraints(target, tuple(opts.exclude), opts.protect_first, round_to, opts.max_ratio, allocation)
 
 
@@ -444,6 +451,9 @@ def _plan_recipe(model, opts: PruneOptions) -> Recipe:
     if opts.repair:
         raise PruneError("--repair refits weights beyond what a plan records; prune directly with --repair "
                          "(a plan file cannot hold it)")
+    if opts.steps > 1:
+        raise PruneError("--steps prunes several times, each on the previous result: one plan cannot hold it; "
+                         "prune directly")
     return build_recipe(model, opts)
 
 
@@ -561,6 +571,8 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     from onnx_prune.methods import method_named
 
     opts = _options(options, kwargs)
+    if opts.steps > 1:
+        return _stepwise(model, opts)
     recipe = build_recipe(model, opts)
     pruned, report = finish_recipe(recipe)
     if opts.repair or method_named(opts.method).reconstructs:
@@ -578,6 +590,49 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     if recipe.prepared.source != "<ModelProto>":
         io.remember_source(pruned, recipe.prepared.source)  # save(pruned, that file) is then refused
     return pruned, report
+
+
+def step_shares(final: float, steps: int) -> list[float]:
+    """The share of the original kept after each of `steps` prunes: evenly spaced from 1 down to `final`."""
+    return [1.0 - (1.0 - final) * (i + 1) / steps for i in range(steps)]
+
+
+def _stepwise(model: "ModelLike | Prepared", opts: PruneOptions) -> tuple[onnx.ModelProto, PruneReport]:
+    """`opts.steps` prunes in a row, step i keeping `step_shares(...)[i]` of the original's MACs (or
+    parameters): each step prunes the previous result with everything measured again on it.  The report is the
+    last step's, counted against the original, with every step in ``details["steps"]``."""
+    kind = "macs" if opts.target_macs is not None else "params"
+    final = opts.target_macs if kind == "macs" else opts.target_params
+    current, first, records, report = model, None, [], None
+    for step, share in enumerate(step_shares(final, opts.steps)):
+        before = getattr(report, f"{kind}_after") if report else None
+        base = getattr(first, f"{kind}_before") if first else None
+        relative = share if report is None else share * base / max(before, 1)
+        if relative >= 1.0:  # an earlier step already went this far
+            continue
+        progress = opts.progress_printer()
+        if progress is not None:
+            progress(f"step {step + 1}/{opts.steps}: keep {share:.1%} of the original's "
+                     f"{'MACs' if kind == 'macs' else 'parameters'}")
+        step_opts = replace(opts, steps=1, target_macs=relative if kind == "macs" else None,
+                            target_params=relative if kind == "params" else None)
+        current, report = prune(current, step_opts)
+        first = first or report
+        records.append({"keep": share, "kind": kind, "target": report.details["target"],
+                        "macs_after": report.macs_after, "params_after": report.params_after})
+    report.options = dict(opts.__dict__, target=Target(**{kind: final}).describe())
+    report.source, report.macs_before, report.params_before = first.source, first.macs_before, first.params_before
+    report.channels_before = first.channels_before
+    target = {k: v for k, v in report.details["target"].items() if k != "channels_removed"}  # the last step's
+    target = report.details["target"] = {**target, "requested": Target(**{kind: final}).describe(), "value": final}
+    for name in ("macs", "params"):
+        if getattr(first, f"{name}_before"):
+            target[f"{name}_kept"] = getattr(report, f"{name}_after") / getattr(first, f"{name}_before")
+    target["achieved"] = target[f"{kind}_kept"]
+    report.details["steps"] = records
+    if first.source != "<ModelProto>":
+        io.remember_source(current, first.source)  # save(result, that file) is then refused
+    return current, report
 
 
 def recalibrated(recipe: Recipe, pruned: onnx.ModelProto, report: PruneReport) -> onnx.ModelProto:

@@ -70,7 +70,7 @@ def test_free_channels_go_first_and_the_result_is_exact():
     assert report.details["sensitivity"]["inputs"] == "synthetic"
     x = np.random.default_rng(1).normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), rtol=1e-4, atol=1e-5)
-    _, uniform = onnx_prune.prune(model, ratio=0.25)
+    _, uniform = onnx_prune.prune(model, ratio=0.25, allocation="uniform")
     assert _kept(uniform) == {"convA": 6, "convB": 6, "fc": 10}
 
 
