@@ -76,6 +76,12 @@ def target_lines(report) -> list[str]:
         lines.append("achieved: " + ", ".join(kept))
     if record.get("limited_by"):
         lines.append(f"the target was not reached: {record['limited_by']}")
+    details = _as_dict(report).get("details", {})
+    if details.get("allocation", {}).get("why"):  # what "auto" became, and why
+        lines.append(f"allocation: {details['allocation']['why']}")
+    if details.get("steps"):
+        lines.append("steps: " + " -> ".join(f"{s['keep']:.0%}" for s in details["steps"]) + " of the original's "
+                     + ("MACs" if details["steps"][0]["kind"] == "macs" else "params"))
     rounding = rounding_line(_as_dict(report).get("options", {}).get("round_to"))
     return lines + ([rounding] if rounding else [])
 

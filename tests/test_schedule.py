@@ -29,6 +29,7 @@ def test_auto_without_data_is_sensitivity_when_affordable():
     assert report.details["allocation"]["used"] == "sensitivity"
     assert "sensitivity" in report.details and report.details["sensitivity"]["inputs"] == "synthetic"
     assert _bytes(auto) == _bytes(measured)
+    assert "allocation: auto without data: sensitivity on synthetic images" in report.summary()
     # A's constant channels go (no damage once compensated), B keeps all it has; uniform takes from both
     assert {g.name: g.kept for g in report.groups}["convB"] == 8
     assert {g.name: g.kept for g in uniform_report.groups}["convB"] < 8
@@ -80,6 +81,7 @@ def test_steps_reach_the_target_of_the_original_and_record_each_step():
     steps = report.details["steps"]
     assert [s["keep"] for s in steps] == pytest.approx([0.85, 0.7])
     assert steps[0]["macs_after"] > steps[1]["macs_after"] == report.macs_after
+    assert "steps: 85% -> 70% of the original's MACs" in report.summary()
     feeds = feeds_for(original)
     assert [o.shape for o in run(pruned, feeds)] == [o.shape for o in run(original, feeds)]
     assert _bytes(pruned) != _bytes(one)  # a different route: the second step re-scores the pruned model
