@@ -106,8 +106,9 @@ class PruneOptions:
     per_neuron: bool = option(False, "red/hash: one KDE per output neuron", group=METHOD, action="store_true")
     merge_tol: float = option(0.0, "red: merge channels within this relative distance (default 0: identical "
                               "only)", group=METHOD)
-    max_merge_tol: float = option(1.0, "red with a target: raise the merge tolerance up to this until merging "
-                                  "alone reaches the target; the rest is pruned (default 1)", group=METHOD)
+    max_merge_tol: float = option(0.5, "red with a target: raise the merge tolerance up to this until merging "
+                                  "alone reaches the target; the rest is pruned (default 0.5: merging channels "
+                                  "further apart lost to pruning on every pretrained model measured)", group=METHOD)
     separate_depthwise: bool = option(True, "red: no uneven depthwise separation", group=METHOD,
                                       action="store_false", flag="--no-separate")
     separate_by_latency: bool = option(False, "red: separate a conv only where it also measures no slower on "

@@ -214,12 +214,12 @@ def test_red_raises_the_merge_tolerance_to_reach_a_target():
     _, none = red(model, target_macs=1.0, **NO_HASH)  # nothing to do: no merge, no prune
     assert none.details["merge"]["tol"] == 0 and none.details["merge"]["merged"] == 0
     assert none.details["pruned"] == 0
-    _, loose = red(model, merge_tol=1.0, **NO_HASH)
-    goal = loose.macs_after / loose.macs_before + 0.02  # what merging at tolerance 1 reaches, and a bit
-    pruned, report = red(model, target_macs=goal, **NO_HASH)
+    _, loose = red(model, merge_tol=1.3, max_merge_tol=1.5, **NO_HASH)
+    goal = loose.macs_after / loose.macs_before + 0.02  # what merging at tolerance 1.3 reaches, and a bit
+    pruned, report = red(model, target_macs=goal, max_merge_tol=1.5, **NO_HASH)
     # merging takes what it can without passing the target (the largest such tolerance), pruning the rest:
     # the target is met closely instead of overshot by the tolerance's coarse steps
-    assert 0 < report.details["merge"]["tol"] <= 1.0 and report.details["merge"]["merged"] > 0
+    assert 0 < report.details["merge"]["tol"] <= 1.5 and report.details["merge"]["merged"] > 0
     assert abs(report.macs_after / report.macs_before - goal) <= 0.02 * goal
     _, capped = red(model, target_macs=goal, max_merge_tol=0.1, **NO_HASH)  # merging cannot: pruning does the rest
     assert capped.details["merge"]["tol"] == 0.1 and capped.details["pruned"] > 0
@@ -235,3 +235,38 @@ def test_hash_method_reports_distinct_values_per_layer():
     assert report.macs_after == report.macs_before
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert all(len(np.unique(weights[l["param"]])) == l["after"] for l in layers)
+
+
+def _nearly_off_channels(path):
+    """x -> Conv 1x1 (4 -> 8, bias) -> Clip(0, 6) -> Conv 1x1 (8 -> 3) -> y.  Channels 0-3: small, unrelated
+    weights under one large negative bias (sparse detectors, nearly off: what EfficientNet-Lite0 has hundreds
+    of); channel 5 is channel 4 with 0.1 % noise on its weights."""
+    from invariants import save_graph
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    weight[:4] *= 0.05
+    weight[5] = weight[4] * (1 + 1e-3 * rng.standard_normal(weight[4].shape)).astype(np.float32)
+    bias = np.r_[[-1.4] * 4, 0.3, 0.3, 0.1, -0.2].astype(np.float32)
+    weights = [numpy_helper.from_array(weight, "w1"), numpy_helper.from_array(bias, "b1"),
+               numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi"),
+               numpy_helper.from_array(rng.standard_normal((3, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
+             helper.make_node("Clip", ["h", "lo", "hi"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    return save_graph(path, "nearly_off", nodes, weights, [1, 4, 6, 6], [1, 3, 6, 6])
+
+
+def test_a_shared_bias_does_not_make_channels_near_duplicates(tmp_path):
+    """Relative distance is taken against the filters' weight norm: four nearly-off channels whose rows are
+    dominated by the same bias are far apart (relative to the whole row they were within 5 % and merged into
+    one); the real near-duplicate (0.1 % apart) still merges."""
+    prepared = prepare(_nearly_off_channels(tmp_path / "m.onnx"))
+    group = prepared.analysis.prunable_groups[0]
+    counts = placement_counts(prepared.analysis)[group.id]
+    (candidates,) = merge_candidates(group, prepared.weights(), counts, near=True)
+    assert candidates.distance[:4, :4][~np.eye(4, dtype=bool)].min() > 0.5
+    assert candidates.distance[4, 5] < 0.01
+    merged, report = red(str(tmp_path / "m.onnx"), merge_tol=0.3, **NO_HASH)
+    assert report.details["merge"]["merged"] == 1
+    feeds = feeds_for(prepared.model)
+    assert relative_error(run(prepared.model, feeds), run(merged, feeds)) < 0.01
