@@ -129,16 +129,18 @@ class MethodInput:
 
     @cached_property
     def allocation(self) -> tuple[str, str]:
-        """The allocation in force and, for "auto" without data, why: for a MAC or parameter target, sensitivity
-        when measuring its damage curves on synthetic images is affordable (`passes.sensitivity.affordable`);
-        uniform otherwise."""
+        """The allocation in force and, for "auto" without data, why: for a MAC or parameter target with
+        `--method prune`, sensitivity when measuring its damage curves on synthetic images is affordable
+        (`passes.sensitivity.affordable`); uniform otherwise."""
         allocation = self.constraints.allocation
         if allocation != "auto":
             return allocation, ""
         from onnx_prune.passes.sensitivity import affordable
 
-        if self.constraints.target.kind not in ("macs", "params"):
-            return "uniform", ""  # a --ratio is a share of every group's channels; latency has its own model
+        if self.constraints.target.kind not in ("macs", "params") or self.opts.method != "prune":
+            # a --ratio is a share of every group's channels; latency has its own model; merging methods were
+            # measured with uniform allocation (asking for sensitivity works with every method)
+            return "uniform", ""
         chosen = affordable(self.prepared.model, len(self.group_ids), self.cost)
         progress = self.opts.progress_printer()
         if progress is not None:

@@ -250,14 +250,16 @@ def _prune_child(prepared, fraction: float, options: dict, out: str) -> None:
 
 
 def run_one(prepared, fraction: float, options: dict, timeout: float | None) -> tuple["onnx.ModelProto | None", dict]:
-    """Prune, in a forked process stopped after ``timeout`` seconds (a slow method costs a row, not the run)."""
+    """Prune, in a child process stopped after ``timeout`` seconds (a slow method costs a row, not the run).
+    Spawned, not forked: onnxruntime sessions the parent already ran (e.g. its own sensitivity curves) leave
+    thread pools that deadlock a forked child."""
     started = time.perf_counter()
     if not timeout:
         pruned, row = prune_once(prepared, fraction, options)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "pruned")
-            child = multiprocessing.get_context("fork").Process(target=_prune_child,
+            child = multiprocessing.get_context("spawn").Process(target=_prune_child,
                                                                  args=(prepared, fraction, options, out))
             child.start()
             child.join(timeout)
@@ -492,7 +494,7 @@ def parse_args(argv):
     parser.add_argument("--eval-crops", type=int, help=f"evaluation crops (default {DEFAULT_EVAL_CROPS})")
     parser.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false")
     parser.add_argument("--run-timeout", type=float, default=None,
-                        help="stop a pruning run after this many seconds (forked process; default 900, quick 300, "
+                        help="stop a pruning run after this many seconds (child process; default 900, quick 300, "
                              "0 = in-process without limit)")
     parser.add_argument("--from-json", help="comma-separated result JSON files: merge their rows and write the "
                                             "table and plot without measuring")

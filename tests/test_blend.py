@@ -89,7 +89,9 @@ def test_search_is_at_least_as_good_as_every_single_criterion():
                                      feeds))
     cost = count_cost(prepared.model)
     for criterion in singles:
-        single_plan = build_plan(prepared, PruneOptions(target_macs=0.5, criterion=criterion), cost)
+        # at the search's own allocation (uniform: see blend_search.blend_allocation)
+        single_plan = build_plan(prepared, PruneOptions(target_macs=0.5, criterion=criterion,
+                                                        allocation="uniform"), cost)
         single = _lexicographic(compare(prepared.model,
                                         ApplyPlanPass(prepared.analysis, single_plan)(prepared.model).model, feeds))
         assert blended[0] < single[0] or (blended[0] == single[0] and blended[1] <= single[1] * (1 + 1e-5)), criterion
