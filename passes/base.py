@@ -103,10 +103,24 @@ STUB_FILE = "weights.stub"
 _DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
+def _has_unknown_fields(message) -> bool:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # older protobuf
+        return len(message.UnknownFields()) > 0
+    return len(UnknownFieldSet(message)) > 0
+
+
 def model_without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose main graph has no initializers, made without copying any weight."""
+    """A copy of `model` whose main graph has no initializers, made without copying any weight.  (A model or graph
+    carrying fields this onnx does not know is copied whole and emptied instead: a field-by-field copy would
+    drop them.)"""
     from onnx_prune.runtime.sessions import model_without_initializers
 
+    if _has_unknown_fields(model) or _has_unknown_fields(model.graph):
+        out = copy_model(model)
+        del out.graph.initializer[:]
+        return out
     return model_without_initializers(model)
 
 

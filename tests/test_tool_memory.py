@@ -64,3 +64,36 @@ def test_filter_sets_decode_each_weight_once_and_ranks_from_dims():
         reader.decoded.clear()
         removed_weights(group, reader)
         assert reader.decoded == []  # counts of weights come from dims alone
+
+
+def _with_unknown_fields(model):
+    """`model` with a field no onnx version defines, on the model and on its graph (a newer exporter's)."""
+    import onnx
+
+    extra = bytes([0xF8, 0x07, 0x01])  # field 127, varint 1
+    graph = model.graph.SerializeToString() + extra
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    tag = bytes([0x3A])  # field 7 (graph), length-delimited
+    length = bytearray()
+    n = len(graph)
+    while n > 0x7F:
+        length.append(n & 0x7F | 0x80)
+        n >>= 7
+    length.append(n)
+    return onnx.ModelProto.FromString(head.SerializeToString() + tag + bytes(length) + graph + extra)
+
+
+def test_fields_unknown_to_onnx_survive_normalising_pruning_and_saving(tmp_path):
+    """The weightless copies (normalisation, the rewrite, the contracts' check, saving part by part) keep what a
+    whole copy kept: fields this onnx does not know, on the model and on its graph."""
+    import onnx
+
+    import onnx_prune
+
+    model = _with_unknown_fields(onnx.load(str(fixture_path("se"))))
+    pruned, _ = onnx_prune.prune(model, ratio=0.5, progress=False)
+    assert pruned.SerializeToString().count(bytes([0xF8, 0x07, 0x01])) == 2
+    out = onnx_prune.save(pruned, tmp_path / "out.onnx")
+    assert out.read_bytes() == pruned.SerializeToString()
