@@ -1,7 +1,7 @@
 """Pruning time against the cost of just reading and writing the same file.
 
     python benchmarks/prune_speed.py [--model models/zoo/resnet50_torchscript.onnx] [--ratio 0.5] [--repeat 3]
-        [--criterion bnvar]
+        [--criterion bnvar] [--profile 30]
 
 Prints the median of each and their ratio; the target is well under 2x (issue: core pass, "Speed").
 """
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--criterion", default=None, help="channel criterion (default: prune's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timings, cProfile one prune and print its N costliest functions (cumulative)")
     args = parser.parse_args(argv)
     model = Path(args.model)
     if not model.exists():
@@ -47,6 +49,14 @@ def main(argv=None) -> int:
     print(f"onnx.load + onnx.save        {io_time:7.3f} s")
     print(f"load + prune + save          {prune_time:7.3f} s")
     print(f"ratio prune / (load+save)    {prune_time / io_time:7.2f}x   (target: well under 2x)")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        options = {"criterion": args.criterion} if args.criterion else {}
+        profiler = cProfile.Profile()
+        profiler.runcall(onnx_prune.prune, str(model), ratio=args.ratio, progress=False, **options)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     return 0
 
 
