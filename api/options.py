@@ -59,7 +59,9 @@ class PruneOptions:
     allocation: str = option("auto", "uniform: the same share from every group; global: one ranking of all "
                              "channels; sensitivity: each group pruned alone at a few shares, the damage to the "
                              "outputs measured (on --calib data, else on synthetic images), least damage per MAC "
-                             "removed first; auto (default): sensitivity with --calib, uniform without",
+                             "removed first; auto (default): sensitivity with --calib; without data, sensitivity on synthetic images "
+                             "for --method prune with a MAC/parameter target where measuring costs at most 2 TMAC of "
+                             "evaluation, else uniform (the report says which)",
                              group=CHOICE, choices=["auto", "uniform", "global", "sensitivity"])
     steps: int = option(1, "reach a --target-macs/--target-params in this many prunes, each of the previous "
                         "result at evenly spaced shares of the original (e.g. 3 steps to 67%%: 89%%, 78%%, 67%%); "
