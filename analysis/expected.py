@@ -49,6 +49,7 @@ from onnx_prune.analysis.layers import weight_axes
 POINTS = 40  # Gauss-Hermite nodes, for the smooth activations (exact to ~1e-6 at unit-scale inputs)
 DENSE_POINTS = 1201  # Simpson nodes on [-DENSE_RANGE, DENSE_RANGE] standard deviations, for kinked functions
 DENSE_RANGE = 12.0
+CONST_CACHE_BYTES = 1 << 20  # constants up to this size stay decoded (float64) for the walk; larger are re-read
 SQRT2 = math.sqrt(2.0)
 _PHI_CLIP = 40.0  # standardised bounds beyond this are +-infinity for float64 Phi and phi
 
@@ -351,9 +352,13 @@ class _Graph:
     def const(self, name: str) -> np.ndarray | None:
         if not name or name not in self.inits:
             return None
-        if name not in self._values:
-            self._values[name] = numpy_helper.to_array(self.inits[name]).astype(np.float64)
-        return self._values[name]
+        cached = self._values.get(name)
+        if cached is not None:
+            return cached
+        value = numpy_helper.to_array(self.inits[name]).astype(np.float64)
+        if value.nbytes <= CONST_CACHE_BYTES:  # a float64 copy of every weight would be 2x the model
+            self._values[name] = value
+        return value
 
     def per_position(self, name: str, out_name: str) -> np.ndarray | None:
         """A constant input as one value per position of the output's channel axis (None if it varies along

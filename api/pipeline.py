@@ -5,12 +5,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Union
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
 from onnx_prune.analysis.criteria import AGGREGATIONS, CALIBRATION_CRITERIA, CRITERION_NAMES
@@ -61,9 +60,11 @@ def prepare(model: "ModelLike | Prepared", passes: list | tuple = ()) -> Prepare
                              "original again")
         return _analysed(model.model, model.source, model.external_data, passes)
     if isinstance(model, onnx.ModelProto):
+        from onnx_prune.passes.base import check_model
+
         try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as err:
+            check_model(model)  # without serialising the weights (a 2x transient on big models)
+        except (onnx.checker.ValidationError, ValueError) as err:
             raise PruneError(f"invalid ONNX model: {str(err).strip().splitlines()[0]}") from None
         source, external, proto = "<ModelProto>", False, model
     else:
