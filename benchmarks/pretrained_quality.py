@@ -377,7 +377,7 @@ def summary(rows: list[dict]) -> list[str]:
             at = [r for r in mine if r["keep_target"] == t]
             ours = [r for r in at if not r["method"].startswith("torch-pruning")]
             cells = [best([r for r in ours if not r["calib"]]), best([r for r in ours if r["calib"]]),
-                     best([r for r in ours if r["method"] == "random/domino-o" and not r["calib"]], False),
+                     best([r for r in ours if r["method"].startswith("random/domino-o") and not r["calib"]], False),
                      best([r for r in at if r["method"] == "torch-pruning group-L1"], False),
                      best([r for r in at if r["method"] == "torch-pruning group-L2"], False)]
             lines.append(f"| {model} | {kind} | {t:.0%} | " + " | ".join(cells) + " |")
