@@ -437,9 +437,11 @@ class ObsMethod(Method):
 
     def build(self, given: MethodInput) -> tuple[Plan, dict]:
         from onnx_prune.passes.obs import obs_select
+        from onnx_prune.runtime.data import feed_sources
 
         constraints = given.constraints
-        plan, details = obs_select(given.prepared, constraints.target, given.calibration, group_ids=given.group_ids,
+        plan, details = obs_select(given.prepared, constraints.target, given.calibration,
+                                   feed_sources(given.calibration), group_ids=given.group_ids,
                                    allocation="uniform" if constraints.allocation == "uniform" else "damage",
                                    cost_model=given.cost_model(), round_to=constraints.round_to,
                                    max_ratio=constraints.max_ratio, make_allocator=given.allocator,

@@ -578,11 +578,13 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     pruned, report = finish_recipe(recipe)
     if opts.repair or method_named(opts.method).reconstructs:
         from onnx_prune.passes.repair import repair
+        from onnx_prune.runtime.data import feed_sources
 
         prepared = recipe.prepared
         try:
             repaired, repair_report = repair(prepared.model, pruned, recipe.calibration, prepared.analysis,
-                                             recipe.plan, ridge=opts.ridge, seed=opts.seed)
+                                             recipe.plan, ridge=opts.ridge, seed=opts.seed,
+                                             sources=feed_sources(recipe.calibration))
         except ValueError as err:  # e.g. too few calibration samples to fit and hold out
             raise PruneError(f"--repair: {err}") from None
         pruned = repaired
@@ -643,20 +645,23 @@ def recalibrated(recipe: Recipe, pruned: onnx.ModelProto, report: PruneReport) -
     if not opts.calib or not opts.recalibrate or not recipe.plan.groups:
         return pruned
     from onnx_prune.passes.recalibrate import RecalibratePass, channel_map
+    from onnx_prune.runtime.data import feed_sources
 
     feeds = recipe.calibration if recipe.calibration is not None else calibration_inputs(recipe.prepared, opts)
     if len(feeds) < 2:
         report.details["recalibration"] = {"recalibrated": 0, "reason": "fewer than 2 calibration feeds"}
         return pruned
     mapping = channel_map(recipe.prepared.model, recipe.prepared.analysis, recipe.plan)
-    result = RecalibratePass(recipe.prepared.model, mapping, feeds, progress=opts.progress_printer())(pruned)
+    result = RecalibratePass(recipe.prepared.model, mapping, feeds, sources=feed_sources(feeds),
+                             progress=opts.progress_printer())(pruned)
     report.details["recalibration"] = result.details
     return result.model
 
 
 def calibration_inputs(prepared: Prepared, opts: PruneOptions) -> list[dict]:
     """The --calib data as feeds: an .npz/.npy (N samples along the batch axis), an image folder (with the
-    preprocessing options) or a data-loader script (`runtime.data`)."""
+    preprocessing options) or a data-loader script (`runtime.data`); a `runtime.data.Feeds`, carrying each
+    sample's source id where the data tells it (for held-out checks by source)."""
     from onnx_prune.runtime.data import load_feeds, preprocessing_options
 
     try:

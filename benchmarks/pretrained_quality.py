@@ -123,16 +123,23 @@ class Data:
                                 f"{len(photo_split.side_photos('eval'))} evaluation photos; calibration crops from "
                                 f"{len(photo_split.side_photos('calib'))} other photos")
 
-    def calibration(self, count: int, photos: int | None) -> np.ndarray:
-        """``count`` calibration inputs (from the first ``photos`` calibration photos; ImageNet only)."""
+    def calibration(self, count: int, photos: int | None, sources: bool = False):
+        """``count`` calibration inputs (from the first ``photos`` calibration photos; ImageNet only); with
+        ``sources``, (inputs, the photo id of each or None)."""
         if self.model.startswith("fmnist_"):
-            return self._calib_pool[:count]
-        crops, _ = photo_split.crops("calib", count, photos)
-        return photo_split.normalize(crops, self.mean, self.std)
+            return (self._calib_pool[:count], None) if sources else self._calib_pool[:count]
+        crops, photo_ids = photo_split.crops("calib", count, photos)
+        x = photo_split.normalize(crops, self.mean, self.std)
+        return (x, photo_ids) if sources else x
 
 
-def write_calibration(x: np.ndarray, input_name: str, path: Path) -> Path:
-    """An ``.npz`` stack of feeds (a few feeds, so a held-out feed exists for methods that keep one)."""
+def write_calibration(x: np.ndarray, input_name: str, path: Path, sources: np.ndarray | None = None) -> Path:
+    """An ``.npz`` stack of feeds (a few feeds, so a held-out feed exists for methods that keep one); with
+    ``sources`` (the photo of each crop), the samples along the batch axis (one feed each: a held-out feed is then
+    whole photos) and a ``sources`` array, so held-out checks never score crops of fitted photos."""
+    if sources is not None:
+        np.savez(path, **{input_name: x, "sources": np.asarray(sources)})
+        return path
     per_feed = max(1, min(32, len(x) // 4))
     usable = len(x) // per_feed * per_feed
     np.savez(path, **{input_name: x[:usable].reshape(-1, per_feed, *x.shape[1:])})
@@ -301,8 +308,9 @@ def benchmark_model(model: str, kinds: list[str], keep: list[float], args, tp_ca
                     if calib:
                         key = (calib, photos)
                         if key not in calib_files:
-                            calib_files[key] = write_calibration(data.calibration(calib, photos), input_name,
-                                                                 Path(tmp) / f"calib_{calib}_{photos}.npz")
+                            x, photo_ids = data.calibration(calib, photos, sources=True)
+                            calib_files[key] = write_calibration(x, input_name,
+                                                                 Path(tmp) / f"calib_{calib}_{photos}.npz", photo_ids)
                         options["calib"] = str(calib_files[key])
                     for fraction in keep:
                         pruned, row = run_one(prepared, fraction, options, args.run_timeout)

@@ -565,7 +565,8 @@ def damage_curves(prepared, feeds: list[dict], group_ids, ratios=(0.25, 0.5, 0.7
 def split_by_source(feeds: list[dict], sources=None, held: int = 64, folds: int = FOLDS
                     ) -> tuple[list[dict], list[dict]]:
     """(fit feeds, held-out feeds): the held-out side is the last source fold (`runtime.calibration.source_folds`:
-    whole sources, or a contiguous block without them), cut to about `held` samples; never empty on either side."""
+    whole sources, or a contiguous block without them), cut to about `held` samples at a source's end (the rest
+    of that fold is fitted: no source on both sides); never empty on either side."""
     from onnx_prune.runtime.calibration import sample_count, source_folds
 
     counts = [sample_count(f) for f in feeds]
@@ -575,12 +576,18 @@ def split_by_source(feeds: list[dict], sources=None, held: int = 64, folds: int 
     fold_of = source_folds(sources, int(sum(counts)), min(folds, len(feeds)))[firsts]
     last = int(fold_of.max())
     held_ids = [i for i in range(len(feeds)) if fold_of[i] == last]
-    taken, chosen = 0, []
+    # cut at whole sources (a feed's source: its first sample's), so no source has feeds on both sides
+    feed_source = range(len(feeds)) if sources is None else np.asarray(sources)[firsts].tolist()
+    by_source: dict = {}
     for i in held_ids:
+        by_source.setdefault(feed_source[i], []).append(i)
+    taken, chosen = 0, []
+    for members in by_source.values():
         if taken >= held:
             break
-        chosen.append(i)
-        taken += counts[i]
+        chosen += members
+        taken += sum(counts[i] for i in members)
+    chosen.sort()
     if len(chosen) == len(feeds):
         chosen = chosen[-1:]
     chosen_set = set(chosen)

@@ -155,6 +155,7 @@ class RecalibratePass(Pass):
         from onnx_prune.passes.obs import split_by_source
         from onnx_prune.passes.sensitivity import output_damage
         from onnx_prune.runtime.calibration import sample_count
+        from onnx_prune.runtime.data import split_summary
         from onnx_prune.runtime.sessions import make_session
 
         fit, held = split_by_source(self.feeds, self.sources, self.held)
@@ -187,6 +188,7 @@ class RecalibratePass(Pass):
 
         before, after = damage(model), damage(corrected)
         details = {"layers": len(nodes), "held_out_samples": sum(sample_count(f) for f in held),
+                   **split_summary(self.feeds, self.sources, held),
                    "held_out_damage_before": before, "held_out_damage_after": after}
         if not after < before:
             return PassResult(model, False, details={**details, "recalibrated": 0,

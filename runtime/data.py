@@ -5,14 +5,24 @@ One entry point, `load_data(spec, model, ...)`, turns what users hold into onnxr
 - `.npz`: input name -> array. An array with the model input's rank is N samples along its batch axis (split
   into feeds of the declared batch, or of 1 for a dynamic batch); one more axis is a stack of feeds. A
   single-input model takes the one array of rank >= 2 whatever its name. `label`/`labels` arrays are labels.
+  A `sources` (or `source`) array gives each sample's source id (int or str): what it was cut from, e.g. the
+  photo of a crop, one per sample (or [feeds, batch] for a stack of feeds); never taken as a model input unless
+  the model has an input of that name.
 - `.npy`: one array for a single-input model.
 - a folder: image files (PNG, JPEG, BMP, WebP; sorted by path) for a single image input, preprocessed
   explicitly: resized to `image_size` (default: the model's H, W), pixels scaled to [0, 1], `(x - mean) / std`
-  per channel, in the model's `layout` (NCHW/NHWC) and `color` order (RGB/BGR/GRAY).
+  per channel, in the model's `layout` (NCHW/NHWC) and `color` order (RGB/BGR/GRAY). Each file is its own
+  source (its path under the folder): sub-folders are often classes, not photos, so they do not group sources;
+  give crops of one photo as an .npz with `sources` (or a .py loader) to keep them together.
 - `PATH[a:b]`: feeds a to b of any of these (samples, for a dynamic batch), e.g. `eval.npz[:256]` to
-  calibrate and `eval.npz[256:]` to validate on one file.
+  calibrate and `eval.npz[256:]` to validate on one file; source ids are sliced with them.
 - `.py`: a data-loader script defining `load_data()` that yields feed dicts (polygraphy's convention); a
-  `label`/`labels` entry of a feed is taken as that feed's labels.
+  `label`/`labels` entry of a feed is taken as that feed's labels, a `source`/`sources` entry as the source id
+  of its samples (one id for the whole feed, or one per sample; every feed or none).
+
+Source ids let calibration hold out whole sources (`passes.obs.split_by_source`): with crops of a few photos,
+a check on held-out crops of the *fitted* photos cannot see overfitting. `load_feeds` returns `Feeds`, a list of
+feed dicts that also carries them (`.sources`, None when the data does not tell).
 
 Integer pixel arrays (uint8) fed to a float input are images too: scaled to [0, 1], then normalised by
 `mean`/`std`, and a missing channel axis is added for a one-channel model. NaN or Inf anywhere is refused.
@@ -35,6 +45,7 @@ from .sessions import InputSpec, ModelLike, input_specs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABEL_KEYS = ("label", "labels")
+SOURCE_KEYS = ("source", "sources")
 LAYOUTS = ("NCHW", "NHWC")
 COLORS = ("RGB", "BGR", "GRAY")
 
@@ -94,6 +105,7 @@ class Dataset:
     labels: np.ndarray | None = None  # one class id per sample, in feed order
     synthetic: bool = False  # generated, not the user's data
     notes: list[str] = field(default_factory=list)  # choices made on the user's behalf, to print
+    sources: np.ndarray | None = None  # one source id (int or str) per sample, in feed order; None: unknown
 
     @property
     def samples(self) -> int:
@@ -106,12 +118,28 @@ def _feed_batch(feed: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def load_feeds(spec, model: ModelLike, **preprocessing) -> list[dict[str, np.ndarray]]:
+class Feeds(list):
+    """A list of feed dicts that also carries each sample's source id (`sources`: an array in sample order, or
+    None when the data does not tell), so they travel together wherever the feeds go."""
+
+    def __init__(self, feeds=(), sources: np.ndarray | None = None):
+        super().__init__(feeds)
+        self.sources = sources
+
+
+def feed_sources(feeds) -> np.ndarray | None:
+    """The per-sample source ids `feeds` carry (a `Feeds`), else None."""
+    return getattr(feeds, "sources", None)
+
+
+def load_feeds(spec, model: ModelLike, **preprocessing) -> Feeds:
     """Feeds for `model` from a path (.npz, .npy, image folder, .py loader) or in-memory data; see the module doc.
 
-    `preprocessing`: image_size, mean, std, layout, color (see `Preprocessing`). Raises DataError.
+    `preprocessing`: image_size, mean, std, layout, color (see `Preprocessing`). Raises DataError.  The result
+    is a list of feed dicts carrying the samples' source ids (`Feeds.sources`).
     """
-    return load_data(spec, model, **preprocessing).feeds
+    dataset = load_data(spec, model, **preprocessing)
+    return Feeds(dataset.feeds, dataset.sources)
 
 
 def load_data(spec, model: ModelLike, labels=None, **preprocessing) -> Dataset:
@@ -148,6 +176,8 @@ def load_data(spec, model: ModelLike, labels=None, **preprocessing) -> Dataset:
         dataset.labels = read_labels(labels)
     if dataset.labels is not None:
         dataset.labels = _checked_labels(dataset.labels, dataset.samples)
+    if dataset.sources is not None:
+        dataset.sources = _checked_sources(dataset.sources, dataset.samples, dataset.source)
     if selected is not None:
         dataset = _select(dataset, selected)
     if not dataset.feeds:
@@ -172,17 +202,19 @@ def _select(dataset: Dataset, selected: slice) -> Dataset:
     bounds = np.cumsum([0] + [_feed_batch(f) for f in dataset.feeds])
     indices = range(len(dataset.feeds))[selected]
     feeds = [dataset.feeds[i] for i in indices]
-    labels = None
-    if dataset.labels is not None:
-        labels = np.concatenate([dataset.labels[bounds[i]:bounds[i + 1]] for i in indices]) if feeds else \
-            dataset.labels[:0]
+    def per_sample(values):
+        if values is None:
+            return None
+        return np.concatenate([values[bounds[i]:bounds[i + 1]] for i in indices]) if feeds else values[:0]
+
+    labels, sources = per_sample(dataset.labels), per_sample(dataset.sources)
     count = sum(_feed_batch(f) for f in feeds)
     where = f"[{'' if selected.start is None else selected.start}:{'' if selected.stop is None else selected.stop}]"
     source = re.sub(r"^\d+ (sample|image)s? from (.*)$",
                     lambda m: f"{count} {m.group(1)}{'s' * (count != 1)} from {m.group(2)}{where}", dataset.source)
     if not feeds:
         raise DataError(f"{source}: the range selects no samples")
-    return Dataset(feeds, source, labels, dataset.synthetic, list(dataset.notes))
+    return Dataset(feeds, source, labels, dataset.synthetic, list(dataset.notes), sources)
 
 
 # --- .npz / .npy / arrays ----------------------------------------------------------
@@ -229,7 +261,7 @@ def _assign_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], source
                    ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Input name -> array; a single-input model takes the lone candidate array whatever its name."""
     names = [spec.name for spec in specs]
-    data = {k: v for k, v in arrays.items() if k not in LABEL_KEYS or k in names}
+    data = {k: v for k, v in arrays.items() if k not in LABEL_KEYS + SOURCE_KEYS or k in names}
     if not data and not arrays:
         raise DataError(f"{source}: holds no arrays")
     if all(name in data for name in names):
@@ -250,6 +282,7 @@ def _assign_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], source
 
 def _arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], prep: Preprocessing, source: str) -> Dataset:
     labels = next((arrays[k] for k in LABEL_KEYS if k in arrays and k not in {s.name for s in specs}), None)
+    sources = next((arrays[k] for k in SOURCE_KEYS if k in arrays and k not in {s.name for s in specs}), None)
     assigned, notes = _assign_arrays(arrays, specs, source)
     stacks = {}
     for spec in specs:
@@ -266,7 +299,8 @@ def _arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], prep: Preproc
     feeds = [{name: stack[index] for name, stack in stacks.items()} for index in range(count)]
     samples = sum(_feed_batch(f) for f in feeds)
     return Dataset(feeds, f"{samples} sample{'s' * (samples != 1)} from {source}",
-                   None if labels is None else np.asarray(labels), notes=notes)
+                   None if labels is None else np.asarray(labels), notes=notes,
+                   sources=None if sources is None else np.asarray(sources).reshape(-1))
 
 
 def _is_pixels(array: np.ndarray, spec: InputSpec) -> bool:
@@ -422,7 +456,10 @@ def _image_folder(folder: Path, specs: list[InputSpec], prep: Preprocessing) -> 
     feeds = [{spec.name: feed.astype(spec.dtype, copy=False)} for feed in stack]
     note = (f"images: {len(files)} files resized to {size[0]}x{size[1]}, {color}, {layout}, scaled to [0, 1]"
             + (f", mean {list(prep.mean)}" if prep.mean else "") + (f", std {list(prep.std)}" if prep.std else ""))
-    return Dataset(feeds, f"{len(files)} image{'s' * (len(files) != 1)} from {source}", notes=[note])
+    # one source per file (sub-folders are often classes, not photos): crops of one photo come as an .npz
+    sources = np.array([p.relative_to(folder).as_posix() for p in files])
+    return Dataset(feeds, f"{len(files)} image{'s' * (len(files) != 1)} from {source}", notes=[note],
+                   sources=sources)
 
 
 # --- data-loader scripts ---------------------------------------------------------------
@@ -450,7 +487,7 @@ def _loader_script(path: Path, specs: list[InputSpec], prep: Preprocessing) -> D
 
 def _feed_list(items: list, specs: list[InputSpec], prep: Preprocessing, source: str) -> Dataset:
     """Feed dicts as given (each one run as is), checked against the model; `label(s)` entries are labels."""
-    feeds, labels = [], []
+    feeds, labels, sources = [], [], []
     names = [spec.name for spec in specs]
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -459,6 +496,7 @@ def _feed_list(items: list, specs: list[InputSpec], prep: Preprocessing, source:
         label = next((item.pop(k) for k in LABEL_KEYS if k in item and k not in names), None)
         if label is not None:
             labels.append(np.atleast_1d(np.asarray(label)))
+        item_source = next((item.pop(k) for k in SOURCE_KEYS if k in item and k not in names), None)
         feed = {}
         for spec in specs:
             if spec.name not in item:
@@ -469,11 +507,16 @@ def _feed_list(items: list, specs: list[InputSpec], prep: Preprocessing, source:
         if item:
             raise DataError(f"{source}: item {index} has unknown entries {sorted(item)}; model inputs are {names}")
         feeds.append(feed)
+        if item_source is not None:  # one id for the feed's samples, or one per sample
+            ids = np.asarray(item_source).reshape(-1)
+            sources.append(np.repeat(ids, _feed_batch(feed)) if ids.size == 1 else ids)
     if labels and len(labels) != len(feeds):
         raise DataError(f"{source}: {len(labels)} of {len(feeds)} feeds carry labels; give all or none")
+    if sources and len(sources) != len(feeds):
+        raise DataError(f"{source}: {len(sources)} of {len(feeds)} feeds carry a source; give all or none")
     samples = sum(_feed_batch(f) for f in feeds)
     return Dataset(feeds, f"{samples} sample{'s' * (samples != 1)} from {source}",
-                   np.concatenate(labels) if labels else None)
+                   np.concatenate(labels) if labels else None, sources=_joined(sources, source))
 
 
 # --- labels --------------------------------------------------------------------------------
@@ -517,6 +560,44 @@ def _checked_labels(labels: np.ndarray, samples: int) -> np.ndarray:
     if len(labels) and labels.min() < 0:
         raise DataError(f"labels must be class ids >= 0, found {labels.min()}")
     return labels.astype(np.int64)
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def _joined(parts: list[np.ndarray], where: str) -> np.ndarray | None:
+    """Per-feed source ids in one array (ints and strings do not mix)."""
+    if not parts:
+        return None
+    kinds = {"str" if p.dtype.kind in "US" else p.dtype.kind for p in parts}
+    if len(kinds) > 1:
+        raise DataError(f"{where}: source ids mix strings and numbers; use one kind")
+    return np.concatenate(parts)
+
+
+def _checked_sources(sources, samples: int, where: str) -> np.ndarray:
+    """One integer or string id per sample (a [feeds, batch] array is flattened in feed order)."""
+    sources = np.asarray(sources).reshape(-1)
+    if sources.dtype.kind not in "iuUS":
+        raise DataError(f"{where}: source ids must be integers or strings, not {sources.dtype}")
+    if len(sources) != samples:
+        raise DataError(f"{where}: {len(sources)} source ids for {samples} samples; give one per sample")
+    return sources
+
+
+def split_summary(feeds: list[dict], sources, held: list[dict]) -> dict:
+    """How `held` (feeds taken out of `feeds`, by identity) was held out: "by source" with the number of
+    distinct sources on each side and how many appear on both (0 = an honest split), or "by sample" without
+    source ids (held-out samples may then come from the photos that were fitted)."""
+    if sources is None:
+        return {"split": "by sample (no source ids)"}
+    bounds = np.cumsum([0] + [_feed_batch(f) for f in feeds])
+    held_ids = {id(f) for f in held}
+    sides = {True: set(), False: set()}
+    for index, feed in enumerate(feeds):
+        sides[id(feed) in held_ids].update(np.asarray(sources)[bounds[index]:bounds[index + 1]].tolist())
+    return {"split": "by source", "sources": len(sides[True] | sides[False]), "held_out_sources": len(sides[True]),
+            "sources_on_both_sides": len(sides[True] & sides[False])}
 
 
 PREPROCESSING_FIELDS = ("image_size", "mean", "std", "layout", "color")
