@@ -75,6 +75,7 @@ class RepairReport:
     samples: int = 0
     folds: int = 0
     split: str = ""        # how the folds were made: by source, or contiguous blocks
+    sources: int = 0       # distinct sources the folds were dealt from (0: none given)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +86,8 @@ def format_table(details: dict) -> str:
     the skipped ones."""
     layers = details["layers"]
     width = max([len("layer")] + [len(layer["node"]) for layer in layers])
-    lines = [f"repair on {details['samples']} sample(s), {details['folds']} folds ({details['split']}); "
+    of = f", {details['sources']} sources" if details.get("sources") else ""
+    lines = [f"repair on {details['samples']} sample(s), {details['folds']} folds ({details['split']}{of}); "
              "cross-validated relative error",
              f"{'layer':<{width}}  {'op':<6}  {'features':>8}  {'eff.n':>7}  {'before':>8}  {'after':>8}  "
              f"{'comp.':>8}  {'ridge':>7}  applied"]
@@ -209,7 +211,8 @@ class LeastSquaresRepairPass(Pass):
     def call(self, reduced: onnx.ModelProto) -> PassResult:
         model = copy_model(reduced)
         layers, skipped = reduced_layers(self.original, model)
-        report = RepairReport([], skipped, self.samples, self.folds, self.split)
+        report = RepairReport([], skipped, self.samples, self.folds, self.split,
+                              self.sources if self.split == "by source" else 0)
         if layers and self.sequential:
             assign_waves(model, layers)
         index = {layer.node.name: i for i, layer in enumerate(layers)}

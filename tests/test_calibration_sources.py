@@ -165,7 +165,10 @@ def test_prune_passes_the_npz_sources_to_recalibration_and_repair(tmp_path):
     assert recalibration["sources_on_both_sides"] == 0 and recalibration["held_out_samples"] == 4
     _, repaired = onnx_prune.prune(str(tmp_path / "m.onnx"), ratio=0.25, calib=str(tmp_path / "calib.npz"),
                                    repair=True, progress=False)
-    assert repaired.details["repair"]["split"] == "by source"
+    assert repaired.details["repair"]["split"] == "by source" and repaired.details["repair"]["sources"] == 4
+    from onnx_prune.passes.repair import format_table
+
+    assert "folds (by source, 4 sources)" in format_table(repaired.details["repair"])
     np.savez(tmp_path / "one.npz", x=x, sources=np.zeros(16, int))  # one photo: repair cannot check itself
     with pytest.raises(PruneError, match="at least 2 sources"):
         onnx_prune.prune(str(tmp_path / "m.onnx"), ratio=0.25, calib=str(tmp_path / "one.npz"), repair=True,
