@@ -143,7 +143,7 @@ class MethodInput:
             return "uniform", ""
         chosen = affordable(self.prepared.model, len(self.group_ids), self.cost)
         progress = self.opts.progress_printer()
-        if progress is not None:
+        if progress is not None and chosen[0] == "sensitivity":  # announces the long step; the report says either
             progress(chosen[1])
         return chosen
 
