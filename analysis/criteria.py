@@ -425,6 +425,10 @@ class Scoring:
             from onnx_prune.analysis.expected import channel_statistics
 
             ids = [g.id for g in prepared.analysis.prunable_groups]
+            if calib is None:  # BatchNorms folded by a method's pass still give data-free statistics (HR)
+                from onnx_prune.passes.compensate import statistics_before_folding
+                return statistics_before_folding(prepared, ids, lambda p, i: channel_statistics(
+                    p, i, None, seed=seed, synthetic=synthetic))
             return channel_statistics(prepared, ids, calib, seed=seed, synthetic=synthetic)
 
         return cls.of(prepared.model, prepared.weights(), seed, landmarks, bn_mode, statistics)

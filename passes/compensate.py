@@ -97,3 +97,42 @@ def compensation_summary(plan: Plan, stats: dict[int, GroupStatistics]) -> dict[
                         "mean_abs_shift": float(np.abs(gplan.shift[shifted]).mean()) if shifted.any() else 0.0,
                         "consumer_overrides": len(gplan.consumer_shift)}
     return summary
+
+
+def statistics_before_folding(prepared, group_ids, compute) -> dict:
+    """`compute(model_prepared, group_ids)` (e.g. `channel_statistics` without data) for a model prepared with
+    its BatchNorms folded (the merging methods fold first), taken from the model BEFORE folding wherever that
+    one's groups match: folding keeps the function, so what each consumer reads has the same moments, but only
+    the unfolded model still has the BatchNorm statistics that give them data-free ("bn").  Without this, every
+    merge on a BatchNorm-kept export was compensated and ranked as if the BatchNorms had never been there.
+
+    A group matches when the unfolded model has a group of the same first producer, size, frozen channels and
+    consumer nodes; others (and models prepared without folding) keep `compute(prepared, ...)`'s result."""
+    folded = compute(prepared, group_ids)
+    if "FoldBatchNormPass" not in prepared.passes or prepared.original is None:
+        return folded
+    if not any(n.op_type == "BatchNormalization" for n in prepared.original.graph.node):
+        return folded
+    from dataclasses import replace
+
+    from onnx_prune.analysis.channels import analyze_channels
+    from onnx_prune.runtime.shapes import infer_shapes
+
+    original = prepared.original
+    unfolded = replace(prepared, model=original, analysis=analyze_channels(original, infer_shapes(original)),
+                       passes=(), original=None)
+    by_name = {g.name: g for g in unfolded.analysis.groups}
+    matched = {}
+    for gid in group_ids:
+        group = prepared.analysis.groups[gid]
+        twin = by_name.get(group.name)
+        if twin is not None and twin.size == group.size and np.array_equal(twin.frozen, group.frozen) \
+                and twin.nodes("consumer") == group.nodes("consumer"):
+            matched[gid] = twin.id
+    before = compute(unfolded, sorted(set(matched.values())))
+    out = dict(folded)
+    for gid, twin_id in matched.items():
+        stats = before.get(twin_id)
+        if stats is not None and stats.source == "bn":
+            out[gid] = replace(stats, group=gid)
+    return out

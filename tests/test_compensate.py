@@ -371,3 +371,23 @@ def test_estimated_means_of_linear_streams_are_not_compensated_but_constants_are
     measured = channel_statistics(prepared, calib=feeds_for(model))
     assert compensate(prepared, Plan({group.id: GroupPlan(np.array([0, 2, 3, 5]))}), measured).groups[
         group.id].shift[1] != 0.0  # measured means are trusted
+
+
+def test_a_method_that_folds_batchnorm_still_gets_the_batchnorm_statistics():
+    """Centripetal and RED fold BatchNorm before their analysis; the statistics of what the consumers read (the
+    same function, so the same moments) come from the model before folding: source "bn", the values of the
+    unfolded model, not the weaker "propagated" estimate of a BN-fused export."""
+    from onnx_prune.analysis.criteria import Scoring
+    from onnx_prune.pipeline import prepare_folded
+
+    model = constant_channel_model("conv_no_bias", seed=4)
+    folded, unfolded = prepare_folded(model), prepare(model)
+    group, twin = _group_of(folded, "conv1"), _group_of(unfolded, "conv1")
+    assert not any(n.op_type == "BatchNormalization" for n in folded.model.graph.node)
+    stats = Scoring.for_prepared(folded).group_statistics(group.id)
+    expected = channel_statistics(unfolded, [twin.id])[twin.id]
+    assert stats.source == expected.source == "bn"
+    assert np.array_equal(stats.mean, expected.mean) and np.array_equal(stats.var, expected.var)
+    assert stats.group == group.id and set(stats.reads) == {"conv2"}
+    # a model prepared without folding is untouched: its own statistics
+    assert Scoring.for_prepared(unfolded).group_statistics(twin.id).source == "bn"
