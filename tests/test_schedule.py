@@ -101,3 +101,21 @@ def test_steps_refuse_what_they_cannot_do(options, message):
 def test_a_plan_file_refuses_steps():
     with pytest.raises(PruneError, match="one plan cannot hold it"):
         plan_file(two_group_model(), target_macs=0.7, steps=2)
+
+
+def test_cli_steps_prune_and_report_each_step(tmp_path, capsys):
+    from onnx_prune.cli import main
+
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main([str(TRAINED_MOBILENET), str(out), "--target-macs", "0.8", "--steps", "2", "--allocation",
+                 "uniform", "--no-speed-check", "--report", str(report)])
+    stdout, _ = capsys.readouterr()
+    assert code == 0 and out.exists()
+    assert "steps: 90% -> 80% of the original's MACs" in stdout
+    import json
+
+    details = json.loads(report.read_text())["details"]
+    assert [round(s["keep"], 2) for s in details["steps"]] == [0.9, 0.8]
+    assert main([str(TRAINED_MOBILENET), str(tmp_path / "x.onnx"), "--ratio", "0.3", "--steps", "2",
+                 "--quiet"]) != 0
+    assert not (tmp_path / "x.onnx").exists()
