@@ -365,7 +365,7 @@ def _known_values() -> dict[str, list[str]]:
         from onnx_prune.methods import METHODS
     except ImportError:
         from onnx_prune.pipeline import METHODS
-    return {"method": list(METHODS), "aggregate": list(AGGREGATIONS),
+    return {"method": ["auto", *METHODS], "aggregate": list(AGGREGATIONS),
             "criterion": list(CRITERION_NAMES) + list(CALIBRATION_CRITERIA) + ["blend"]}
 
 

@@ -137,7 +137,7 @@ class MethodInput:
             return allocation, ""
         from onnx_prune.passes.sensitivity import affordable
 
-        if self.constraints.target.kind not in ("macs", "params") or self.opts.method != "prune":
+        if self.constraints.target.kind not in ("macs", "params") or method_named(self.opts.method).name != "prune":
             # a --ratio is a share of every group's channels; latency has its own model; merging methods were
             # measured with uniform allocation (asking for sensitivity works with every method)
             return "uniform", ""
@@ -440,12 +440,15 @@ class ObsMethod(Method):
         from onnx_prune.runtime.data import feed_sources
 
         constraints = given.constraints
-        plan, details = obs_select(given.prepared, constraints.target, given.calibration,
-                                   feed_sources(given.calibration), group_ids=given.group_ids,
-                                   allocation="uniform" if constraints.allocation == "uniform" else "damage",
-                                   cost_model=given.cost_model(), round_to=constraints.round_to,
-                                   max_ratio=constraints.max_ratio, make_allocator=given.allocator,
-                                   seed=given.opts.seed, ridge=given.opts.ridge)
+        try:
+            plan, details = obs_select(given.prepared, constraints.target, given.calibration,
+                                       feed_sources(given.calibration), group_ids=given.group_ids,
+                                       allocation="uniform" if constraints.allocation == "uniform" else "damage",
+                                       cost_model=given.cost_model(), round_to=constraints.round_to,
+                                       max_ratio=constraints.max_ratio, make_allocator=given.allocator,
+                                       seed=given.opts.seed, ridge=given.opts.ridge, quiet=not given.opts.progress)
+        except ValueError as err:  # e.g. too few calibration feeds to fit and to check
+            raise PruneError(f"--method obs: {err}; --method prune works with less data") from None
         return plan, {"obs": details}
 
 
@@ -475,7 +478,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (PruneMethod(), SimilarityMetho
                                                    RedMethod(), ObsMethod(), HashMethod())}
 
 
+AUTO = "auto"  # the default --method: obs with --calib data, prune without (`pipeline.resolved_method`)
+
+
 def method_named(name: str) -> Method:
+    """The method registered as `name`; "auto" not yet resolved against the data is prune."""
+    if name == AUTO:
+        return METHODS["prune"]
     if name not in METHODS:
-        raise PruneError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+        raise PruneError(f"unknown method '{name}' (choose from {', '.join([AUTO, *METHODS])})")
     return METHODS[name]

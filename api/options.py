@@ -81,7 +81,9 @@ class PruneOptions:
                            group=CHOICE, nargs="+", metavar="NODE")
     protect_first: bool = option(False, "also leave whole the groups of layers that read the graph input (the "
                                  "stem)", group=CHOICE, action="store_true")
-    method: str = option("prune", "how channels go: prune (drop the lowest-scoring), similarity (drop one of each "
+    method: str = option("auto", "how channels go: auto (default): obs with --calib (unless --repair or another "
+                         "--criterion is asked for), prune without; prune (drop the lowest-scoring), obs (group OBS "
+                         "selection and reconstruction on --calib data), similarity (drop one of each "
                          "most similar pair), centripetal (k-means merge), red (hash + merge + prune + uneven "
                          "depthwise separation), hash (weight hashing alone)", group=CHOICE)
     compensate: bool = option(True, "do not replace removed channels by their expected value (by default each "

@@ -78,10 +78,11 @@ def test_prune_with_calibration_recalibrates_and_plan_apply_matches(tmp_path):
     model = two_group_model()
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    pruned, report = onnx_prune.prune(str(path), ratio=0.25, calib=str(calib), compensate=False)
+    pruned, report = onnx_prune.prune(str(path), ratio=0.25, calib=str(calib), compensate=False,
+                                      method="prune")
     assert "recalibration" in report.details and "held_out_damage_after" in report.details["recalibration"]
     plain, plain_report = onnx_prune.prune(str(path), ratio=0.25, calib=str(calib), compensate=False,
-                                           recalibrate=False)
+                                           recalibrate=False, method="prune")
     assert "recalibration" not in plain_report.details
     if report.details["recalibration"]["recalibrated"]:
         assert pruned.SerializeToString() != plain.SerializeToString()

@@ -1,4 +1,5 @@
-"""The data-free `auto` allocation (sensitivity when affordable) and stepwise pruning (`--steps`)."""
+"""The defaults that adapt: `--allocation auto` (sensitivity when affordable), `--method auto` (obs with
+--calib data), and `--steps`."""
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,39 @@ def test_cli_steps_prune_and_report_each_step(tmp_path, capsys):
     assert main([str(TRAINED_MOBILENET), str(tmp_path / "x.onnx"), "--ratio", "0.3", "--steps", "2",
                  "--quiet"]) != 0
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _calibration(tmp_path, samples: int):
+    path = tmp_path / f"calib{samples}.npz"
+    np.savez(path, x=np.random.default_rng(3).normal(0, 1, (samples, 3, 16, 16)).astype(np.float32))
+    return str(path)
+
+
+def test_auto_method_is_obs_with_calibration_data(tmp_path):
+    model, calib = two_group_model(), _calibration(tmp_path, 8)
+    auto, report = onnx_prune.prune(model, target_macs=0.7, calib=calib, progress=False)
+    obs, _ = onnx_prune.prune(model, target_macs=0.7, calib=calib, method="obs", progress=False)
+    assert report.options["method"] == "obs" and report.details["method"]["auto"] == "obs"
+    assert "obs" in report.details and "repair" in report.details  # selected and reconstructed
+    assert _bytes(auto) == _bytes(obs)
+    assert "method: auto -> obs" in report.summary()
+
+
+def test_auto_method_selects_by_scores_when_asked_or_without_data(tmp_path):
+    model, calib = two_group_model(), _calibration(tmp_path, 8)
+    _, scored = onnx_prune.prune(model, target_macs=0.7, calib=calib, criterion="l1", progress=False)
+    assert scored.options["method"] == "prune" and "obs" not in scored.details
+    _, free = onnx_prune.prune(model, target_macs=0.7, progress=False)
+    assert free.options["method"] == "prune" and "method: auto" not in free.summary()
+    plan = plan_file(model, target_macs=0.7, calib=calib)  # a plan cannot hold obs's reconstruction
+    assert '"method": "prune"' in plan
+
+
+def test_auto_method_falls_back_to_prune_when_the_data_is_too_small_for_obs(tmp_path):
+    model, calib = two_group_model(), _calibration(tmp_path, 2)  # one feed: nothing to hold out
+    auto, report = onnx_prune.prune(model, target_macs=0.7, calib=calib, progress=False)
+    pruned, _ = onnx_prune.prune(model, target_macs=0.7, calib=calib, method="prune", progress=False)
+    assert report.options["method"] == "prune" and "obs refused" in report.details["method"]["why"]
+    assert _bytes(auto) == _bytes(pruned)
+    with pytest.raises(PruneError, match="obs.*prune works with less data"):
+        onnx_prune.prune(model, target_macs=0.7, calib=calib, method="obs", progress=False)

@@ -77,7 +77,8 @@ def test_free_channels_go_first_and_the_result_is_exact():
 def test_damage_is_measured_on_calibration_data_when_given(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(2).normal(0, 1, (8, 3, 16, 16)).astype(np.float32))
-    _, report = onnx_prune.prune(two_group_model(), ratio=0.25, allocation="sensitivity", calib=str(calib))
+    _, report = onnx_prune.prune(two_group_model(), ratio=0.25, allocation="sensitivity", calib=str(calib),
+                                 method="prune")
     assert report.details["sensitivity"]["inputs"] == "calibration"
     assert _kept(report) == {"convA": 4, "convB": 8, "fc": 10}
 
