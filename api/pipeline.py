@@ -221,6 +221,8 @@ def sweep_configurations() -> list[SweepConfig]:
     """
     configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a}, accepts_calibration=(c, a) == DEFAULT)
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
+    # the score-based path with calibration data (the default there is obs, through --method auto)
+    configs += [SweepConfig("prune", {"method": "prune"}, accepts_calibration=True)]
     configs += [SweepConfig("bnvar/domino-o/round-to-1", {"round_to": 1}),  # the default but unrounded
                 SweepConfig("bnvar/domino-o/uniform", {"allocation": "uniform"}, accepts_calibration=True)]
     # the default reached in several prunes (`--steps`), each on the previous result
