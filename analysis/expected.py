@@ -45,11 +45,11 @@ from onnx import helper, numpy_helper
 from scipy.special import erf, ndtr
 
 from onnx_prune.analysis.layers import weight_axes
+from onnx_prune.runtime.io import CACHED_WEIGHT_BYTES
 
 POINTS = 40  # Gauss-Hermite nodes, for the smooth activations (exact to ~1e-6 at unit-scale inputs)
 DENSE_POINTS = 1201  # Simpson nodes on [-DENSE_RANGE, DENSE_RANGE] standard deviations, for kinked functions
 DENSE_RANGE = 12.0
-CONST_CACHE_BYTES = 1 << 20  # constants up to this size stay decoded (float64) for the walk; larger are re-read
 SQRT2 = math.sqrt(2.0)
 _PHI_CLIP = 40.0  # standardised bounds beyond this are +-infinity for float64 Phi and phi
 
@@ -356,7 +356,7 @@ class _Graph:
         if cached is not None:
             return cached
         value = numpy_helper.to_array(self.inits[name]).astype(np.float64)
-        if value.nbytes <= CONST_CACHE_BYTES:  # a float64 copy of every weight would be 2x the model
+        if value.nbytes <= CACHED_WEIGHT_BYTES:  # a float64 copy of every weight would be 2x the model
             self._values[name] = value
         return value
 

@@ -35,6 +35,10 @@ class UsageError(PruneError):
     exit_status = 2
 
 
+class TooLittleDataError(PruneError):
+    """The calibration data is too small for the asked method (e.g. obs needs feeds to fit and to check)."""
+
+
 class OutputPathError(PruneError):
     """An output path that would overwrite something the run reads or writes, or cannot be written."""
 

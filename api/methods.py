@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from onnx_prune.analysis.criteria import CRITERION_NAMES, Scoring, channel_scores
-from onnx_prune.errors import PruneError
+from onnx_prune.errors import PruneError, TooLittleDataError
 from onnx_prune.options import PruneOptions
 from onnx_prune.passes.allocate import Allocator, CostModel, kept_ids, select_top
 from onnx_prune.passes.constraints import Constraints, Target
@@ -135,12 +135,12 @@ class MethodInput:
         allocation = self.constraints.allocation
         if allocation != "auto":
             return allocation, ""
-        from onnx_prune.passes.sensitivity import affordable
-
         if self.constraints.target.kind not in ("macs", "params") or method_named(self.opts.method).name != "prune":
             # a --ratio is a share of every group's channels; latency has its own model; merging methods were
             # measured with uniform allocation (asking for sensitivity works with every method)
             return "uniform", ""
+        from onnx_prune.passes.sensitivity import affordable
+
         chosen = affordable(self.prepared.model, len(self.group_ids), self.cost)
         progress = self.opts.progress_printer()
         if progress is not None and chosen[0] == "sensitivity":  # announces the long step; the report says either
@@ -448,7 +448,7 @@ class ObsMethod(Method):
                                        max_ratio=constraints.max_ratio, make_allocator=given.allocator,
                                        seed=given.opts.seed, ridge=given.opts.ridge, quiet=not given.opts.progress)
         except ValueError as err:  # e.g. too few calibration feeds to fit and to check
-            raise PruneError(f"--method obs: {err}; --method prune works with less data") from None
+            raise TooLittleDataError(f"--method obs: {err}; --method prune works with less data") from None
         return plan, {"obs": details}
 
 

@@ -13,7 +13,7 @@ import onnx
 
 from onnx_prune.analysis.channels import ChannelAnalysis, analyze_channels
 from onnx_prune.analysis.criteria import AGGREGATIONS, CALIBRATION_CRITERIA, CRITERION_NAMES
-from onnx_prune.errors import PruneError, spelled_for_caller
+from onnx_prune.errors import PruneError, TooLittleDataError, spelled_for_caller
 from onnx_prune.options import PruneOptions
 
 API_ERRORS = spelled_for_caller(set(PruneOptions.__dataclass_fields__))
@@ -588,23 +588,23 @@ def prune(model: "ModelLike | Prepared", options: PruneOptions | None = None, **
     """
     from onnx_prune.methods import method_named
 
-    opts = _options(options, kwargs)
+    requested = with_overrides(PruneOptions, options, kwargs)
+    opts = _options(requested, {})
     if opts.steps > 1:
         return _stepwise(model, opts)
-    auto = with_overrides(PruneOptions, options, kwargs).method == "auto"
+    auto_with_data = requested.method == "auto" and opts.calib
     try:
         recipe = build_recipe(model, opts)
-    except PruneError as err:
-        if not (auto and opts.method == "obs" and str(err).startswith("--method obs:")):
+    except TooLittleDataError as err:
+        if not auto_with_data:
             raise
         opts = replace(opts, method="prune")  # e.g. too few calibration feeds for obs: select and recalibrate
         recipe = build_recipe(model, opts)
         recipe.details["method"] = {"auto": "prune", "why": f"obs refused: {err}"}
     else:
-        if auto:
-            recipe.details["method"] = {"auto": opts.method, "why": "with --calib data: second-order selection "
-                                        "and reconstruction" if opts.method == "obs" else "no --calib data"
-                                        if not opts.calib else "--repair or a --criterion asks for scores"}
+        if auto_with_data:  # without data auto is plainly prune: nothing to report
+            recipe.details["method"] = {"auto": opts.method, "why": "second-order selection and reconstruction"
+                                        if opts.method == "obs" else "--repair or a --criterion asks for scores"}
     pruned, report = finish_recipe(recipe)
     if opts.repair or method_named(opts.method).reconstructs:
         from onnx_prune.passes.repair import repair
@@ -637,13 +637,13 @@ def _stepwise(model: "ModelLike | Prepared", opts: PruneOptions) -> tuple[onnx.M
     kind = "macs" if opts.target_macs is not None else "params"
     final = opts.target_macs if kind == "macs" else opts.target_params
     current, first, records, report = model, None, [], None
+    progress = opts.progress_printer()
     for step, share in enumerate(step_shares(final, opts.steps)):
         before = getattr(report, f"{kind}_after") if report else None
         base = getattr(first, f"{kind}_before") if first else None
         relative = share if report is None else share * base / max(before, 1)
         if relative >= 1.0:  # an earlier step already went this far
             continue
-        progress = opts.progress_printer()
         if progress is not None:
             progress(f"step {step + 1}/{opts.steps}: keep {share:.1%} of the original's "
                      f"{'MACs' if kind == 'macs' else 'parameters'}")

@@ -77,8 +77,8 @@ def target_lines(report) -> list[str]:
     if record.get("limited_by"):
         lines.append(f"the target was not reached: {record['limited_by']}")
     details = _as_dict(report).get("details", {})
-    chosen = details.get("method", {})
-    if isinstance(chosen, dict) and chosen.get("auto") and "no --calib" not in chosen.get("why", ""):
+    chosen = details.get("method")
+    if isinstance(chosen, dict) and chosen.get("auto"):  # recorded where --calib data made auto choose
         lines.append(f"method: auto -> {chosen['auto']} ({chosen['why']})")
     if details.get("allocation", {}).get("why"):  # what "auto" became, and why
         lines.append(f"allocation: {details['allocation']['why']}")

@@ -22,7 +22,7 @@ import numpy as np
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # shares of a group's free channels removed when measuring its curve
 SYNTHETIC_SAMPLES = 32             # synthetic inputs measuring the damage without data
 # The data-free default measures damage curves when they cost at most this many MACs of evaluation (groups x
-# shares x samples x the model's MACs): about a minute on one CPU core, which covers MobileNetV2 (1.0e12) and
+# shares x samples x the model's MACs): about a minute on one CPU core, which covers MobileNetV2 (7e11) and
 # EfficientNet-Lite0; ResNet-50 (1.4e13) would take ten, so it gets uniform unless asked.
 AUTO_BUDGET_MACS = 2e12
 
