@@ -222,7 +222,9 @@ def sweep_configurations() -> list[SweepConfig]:
     configs = [SweepConfig(f"{c}/{a}", {"criterion": c, "aggregate": a}, accepts_calibration=(c, a) == DEFAULT)
                for c in CRITERION_NAMES for a in ("first", "domino-o", "domino-io")]
     # the score-based path with calibration data (the default there is obs, through --method auto)
-    configs += [SweepConfig("prune", {"method": "prune"}, accepts_calibration=True)]
+    configs += [SweepConfig("prune", {"method": "prune"}, accepts_calibration=True),
+                SweepConfig("prune/uniform", {"method": "prune", "allocation": "uniform"}, True, True)]
+    configs += [SweepConfig(f"prune/{k}-steps", {"method": "prune", "steps": k}, True, True) for k in (2, 3)]
     configs += [SweepConfig("bnvar/domino-o/round-to-1", {"round_to": 1}),  # the default but unrounded
                 SweepConfig("bnvar/domino-o/uniform", {"allocation": "uniform"}, accepts_calibration=True)]
     # the default reached in several prunes (`--steps`), each on the previous result
