@@ -93,6 +93,11 @@ class PruneOptions:
     synthetic_statistics: bool = option(False, "where neither BatchNorm nor --calib gives channel means, measure "
                                         "them on synthetic 1/f-noise images and compensate with them too (off: "
                                         "measured to hurt as often as help)", group=METHOD, action="store_true")
+    restore_variance: bool = option(False, "with compensation: scale each reduced group's kept (or merged) "
+                                    "channels at the consumers so that the variance the group contributes to "
+                                    "their outputs stays, where BatchNorm statistics or --calib data give the "
+                                    "variances (the report gives each group's scale)", group=METHOD,
+                                    action="store_true")
     merge_neighbours: bool = option(False, "with --method similarity: fold a removed channel into its most "
                                     "similar kept one", group=METHOD, action="store_true")
     medoid: bool = option(False, "with --method centripetal: keep each cluster's medoid instead of its centroid",

@@ -417,7 +417,7 @@ def exact_only(stats):
 
 def compensated(given, plan: Plan) -> tuple[Plan, dict]:
     """`plan` with each removed channel replaced by its expected value (`passes.compensate`), and a summary."""
-    from onnx_prune.passes.compensate import compensate, compensation_summary
+    from onnx_prune.passes.compensate import compensate, compensation_summary, restore_variance
 
     # propagated: pushed analytically from the normalised inputs through the linear layers (BN-fused exports).
     # For plain pruning they helped (fused MobileNetV2 at 90% of MACs, bnvar: 0.276 -> 0.462 top-1 agreement);
@@ -433,8 +433,11 @@ def compensated(given, plan: Plan) -> tuple[Plan, dict]:
             continue
         merging = plan.groups[gid].fold is not None or plan.groups[gid].merge is not None
         stats[gid] = st if st.source in (trusted_merging if merging else trusted_pruning) else exact_only(st)
+    scales = {}
+    if given.opts.restore_variance:  # before compensate, which moves the scaled channels' means back
+        plan, scales = restore_variance(given.prepared, plan, stats)
     plan = compensate(given.prepared, plan, stats)
-    summary = compensation_summary(plan, stats)
+    summary = compensation_summary(plan, stats, scales)
     return plan, {str(gid): entry for gid, entry in summary.items()}
 
 

@@ -89,6 +89,21 @@ def parse_config(text: str) -> tuple[str, dict]:
     return label, options
 
 
+# Config keys that set a variance-restoration constant of `passes.compensate` for that run (measurement only):
+# ``restore_cap:3`` (RESTORE_CAP), ``restore_sources:bn,measured,propagated`` (RESTORE_SOURCES).
+RESTORE_KEYS = {"restore_cap": "RESTORE_CAP", "restore_sources": "RESTORE_SOURCES"}
+
+
+def split_restore(options: dict) -> tuple[dict, dict]:
+    """(PruneOptions keywords, compensate-module constants) of one config."""
+    constants = {}
+    for key, name in RESTORE_KEYS.items():
+        if key in options:
+            value = options.pop(key)
+            constants[name] = tuple(str(value).split(",")) if name == "RESTORE_SOURCES" else float(value)
+    return options, constants
+
+
 def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[dict]:
     import time
 
@@ -97,15 +112,32 @@ def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[d
     rows = []
     for target in [float(t) for t in args.targets.split(",")]:
         for label, options in map(parse_config, args.configs):
+            from onnx_prune.passes import compensate
+
+            recorded = dict(options)
+            options, constants = split_restore(dict(options))
+            saved = {name: getattr(compensate, name) for name in constants}
             started = time.perf_counter()
-            pruned, report = onnx_prune.prune(str(path), target_macs=target, **options)
+            try:
+                for name, value in constants.items():
+                    setattr(compensate, name, value)
+                pruned, report = onnx_prune.prune(str(path), target_macs=target, **options)
+            finally:
+                for name, value in saved.items():
+                    setattr(compensate, name, value)
+            scales = [g["variance_scale"] for g in report.details.get("compensation", {}).values()
+                      if "variance_scale" in g]
             agreement, kl = agreement_and_kl(reference, logits(pruned, x))
             merge = report.details.get("merge", {})
-            row = {"target": target, "config": label, "options": options, "agreement": agreement, "kl": kl,
+            row = {"target": target, "config": label, "options": recorded, "agreement": agreement, "kl": kl,
                    "macs_kept": report.macs_after / report.macs_before, "seconds": time.perf_counter() - started,
-                   "merged": merge.get("merged"), "merge_tol": merge.get("tol"), "pruned": report.details.get("pruned")}
+                   "merged": merge.get("merged"), "merge_tol": merge.get("tol"), "pruned": report.details.get("pruned"),
+                   "variance_scales": scales}
             rows.append(row)
             extra = f" merged {row['merged']} at tol {row['merge_tol']:.3g}, pruned {row['pruned']}" if merge else ""
+            if scales:
+                extra += (f" restored {sum(s > 1 for s in scales)}/{len(scales)} groups, scale median "
+                          f"{np.median(scales):.3f} max {max(scales):.3f}")
             print(f"{args.model} [{args.kind}] {target:.2f} {label:24s} agreement {agreement:.3f} KL {kl:.3f} "
                   f"MACs {row['macs_kept']:.3f} ({row['seconds']:.0f} s){extra}", flush=True)
     return rows

@@ -22,11 +22,17 @@ Consumers that read the group at different points (a residual stream: x1, x1 + x
 
 Means estimated without BatchNorm statistics or data ("propagated", "synthetic") are used only where the
 consumer reads an activation's output (`_trusted`).
+
+Variance restoration (`restore_variance`, run before `compensate`): the kept channels of a reduced group are
+scaled at the consumers by one factor s so that the variance the group contributes to its consumers' outputs
+stays what it was; `compensate` then moves their means back ((1 - s) m_c on a kept channel).  See its docstring
+for the first-order model used for merges.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from onnx_prune.analysis.criteria import batchnorm_after, filter_sets, row_energy
 from onnx_prune.analysis.expected import GroupStatistics
 from onnx_prune.passes.plan import GroupPlan, Plan
 
@@ -83,20 +89,140 @@ def compensate(prepared, plan: Plan, stats: dict[int, GroupStatistics]) -> Plan:
     return out
 
 
-def compensation_summary(plan: Plan, stats: dict[int, GroupStatistics]) -> dict[int, dict]:
+def compensation_summary(plan: Plan, stats: dict[int, GroupStatistics],
+                         scales: dict[int, float] | None = None) -> dict[int, dict]:
     """Per compensated group, for reports: where the means came from, how many channels are shifted, how many
-    of them are deterministic, and the mean |shift|."""
+    of them are deterministic, the mean |shift|, and (`scales`, from `restore_variance`) the variance
+    restoration's scale where one was applied."""
     summary = {}
+    scales = scales or {}
     for gid, gplan in sorted(plan.groups.items()):
-        if gplan.shift is None:
+        if gplan.shift is None and gid not in scales:
             continue
-        shifted = gplan.shift != 0
+        shift = gplan.shift if gplan.shift is not None else np.zeros(0)
+        shifted = shift != 0
         st = stats.get(gid)
         summary[gid] = {"source": st.source if st else "none", "shifted": int(shifted.sum()),
-                        "deterministic": int((shifted & st.deterministic).sum()) if st else 0,
-                        "mean_abs_shift": float(np.abs(gplan.shift[shifted]).mean()) if shifted.any() else 0.0,
+                        "deterministic": int((shifted & st.deterministic).sum()) if st and shift.size else 0,
+                        "mean_abs_shift": float(np.abs(shift[shifted]).mean()) if shifted.any() else 0.0,
                         "consumer_overrides": len(gplan.consumer_shift)}
+        if gid in scales:
+            summary[gid]["variance_scale"] = scales[gid]
     return summary
+
+
+# --- variance restoration
+
+RESTORE_SOURCES = ("bn", "measured", "constant")  # variances worth restoring (the others do not rank channels)
+RESTORE_CAP = 2.0  # largest scale applied
+ROUNDING = 1e-9    # a relative variance loss below this is float rounding (an exact merge): nothing to restore
+
+
+def _by_channel(layer, size: int) -> np.ndarray:
+    """(size, occurrences x features): each group channel's weight rows in one layer, side by side where the
+    layer reads a channel at several positions (a grouped conv tying its conv groups); no bias column.  Zero
+    rows for channels the layer does not see."""
+    rows = layer.rows[:, :-1]
+    occurrence = np.zeros(len(rows), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, channel in enumerate(layer.channels.tolist()):
+        occurrence[i] = seen.get(channel, 0)
+        seen[channel] = occurrence[i] + 1
+    out = np.zeros((size, int(occurrence.max(initial=0)) + 1, rows.shape[1]))
+    out[layer.channels, occurrence] = rows
+    return out.reshape(size, -1)
+
+
+def residual_fraction(layers_by_role: dict[str, list], fold: np.ndarray, merge: np.ndarray, size: int
+                      ) -> np.ndarray:
+    """Per channel c, the share of its variance the rewritten model no longer carries, first order.
+
+    The consumers read channel c as ``sum_k fold[c, k] x'_k``, x'_k made by the rows ``sum_d merge[d, k] row_d``:
+    the row c is rebuilt as ``(fold merge^T R)[c]``.  With white inputs to the layer the share of the output's
+    variance that is lost is ``||R_c - rebuilt_c||^2 / ||R_c||^2`` (capped at 1): 1 for a removed channel, 0 for
+    a kept one or an exact duplicate, between for a merged member.  Producers count together (a residual stream's
+    channel is their sum); each carrier (depthwise kernel, per-channel scale) keeps what the layers before left
+    (``explained *= 1 - lost share``)."""
+    rebuilt = fold @ merge.T
+    explained = np.ones(size)
+    stages = [np.hstack(mats)] if (mats := [_by_channel(p, size) for p in layers_by_role["producer"]]) else []
+    stages += [_by_channel(c, size) for c in layers_by_role["carrier"]]
+    for rows in stages:
+        if rows.shape[1] == 0:
+            continue
+        norm, miss = row_energy(rows), row_energy(rows - rebuilt @ rows)
+        lost = np.where(norm > 0, np.minimum(miss / np.where(norm > 0, norm, 1.0), 1.0), (miss > 0) * 1.0)
+        explained *= 1.0 - lost
+    return 1.0 - explained
+
+
+def variance_scale(group, gplan: GroupPlan, st: GroupStatistics, weights, bn_after: dict,
+                   sources: tuple[str, ...] | None = None, cap: float | None = None) -> float | None:
+    """The factor s for a group's kept channels at its consumers, or None (statistics not trusted, means that
+    `compensate` could not correct, nothing read).  Per consumer k (energies e = ||W_k[:, c, taps]||^2, the
+    same sums as the bnvar criterion; v the variance k reads), and delta the `residual_fraction`:
+
+        lost  = sum_k sum_c e_kc v_kc delta_c
+        after = sum_k sum_j ||W_k fold[:, j]||^2 v'_kj,   v'_kj = sum_d w_dj v_kd (1 - delta_d)
+
+    with w the merge weights normalised per kept channel (the merged channel's variance: each member's
+    explained part, averaged as the rows are).  s = sqrt((after + lost) / after), capped at `cap`.  For plain
+    pruning this is sqrt(sum_all e v / sum_kept e v); an exact merge (identical channels) loses nothing: s = 1.
+    Model: a channel is its kept/merged counterpart plus an independent residual, channels independent
+    (as bnvar assumes).  `sources`, `cap`: default RESTORE_SOURCES, RESTORE_CAP."""
+    sources = RESTORE_SOURCES if sources is None else sources
+    cap = RESTORE_CAP if cap is None else cap
+    size = group.size
+    fold, merge = _matrices(gplan, size)
+    layers = {role: filter_sets(group, weights, (role,), bn_after=bn_after) for role in ("producer", "carrier")}
+    delta = residual_fraction(layers, fold, merge, size)
+    columns = np.abs(merge).sum(axis=0)
+    share = np.abs(merge) / np.where(columns > 0, columns, 1.0)
+    carries = (fold != 0).any(axis=1)
+    lost = after = 0.0
+    consumers = filter_sets(group, weights, ("consumer",))
+    if not consumers:
+        return None
+    for consumer in consumers:
+        read = st.reads.get(consumer.node)
+        if read is None or read.source not in sources:
+            return None
+        var = np.where(np.isfinite(read.var), read.var, 0.0)
+        # `compensate` must be able to move the scaled channels' means back
+        if not np.isfinite(_trusted(read)[carries & (var > 0)]).all():
+            return None
+        rows = _by_channel(consumer, size)
+        lost += float((row_energy(rows) * var * delta).sum())
+        after += float((row_energy(fold.T @ rows) * (share.T @ (var * (1.0 - delta)))).sum())
+    if not after > 0 or lost <= ROUNDING * after:
+        return 1.0
+    return min(float(np.sqrt((after + lost) / after)), cap)
+
+
+def restore_variance(prepared, plan: Plan, stats: dict[int, GroupStatistics],
+                     sources: tuple[str, ...] | None = None, cap: float | None = None
+                     ) -> tuple[Plan, dict[int, float]]:
+    """`plan` with every reduced group's `fold` scaled by its `variance_scale` (fold = I[:, keep] for plain
+    pruning), and the scales applied (groups left alone have none; a scale of 1 leaves the group's plan as
+    it was).  Run `compensate` afterwards: it corrects the means the scaling moves.  The input plan is not
+    changed."""
+    groups = prepared.analysis.groups
+    weights = prepared.weights()
+    bn_after = batchnorm_after(prepared.model)
+    out, scales = Plan({}), {}
+    for gid, gplan in plan.groups.items():
+        group, st = groups[gid], stats.get(gid)
+        reduced = len(gplan.keep) < group.size or gplan.fold is not None or gplan.merge is not None
+        scale = variance_scale(group, gplan, st, weights, bn_after, sources, cap) if reduced and st else None
+        out.groups[gid] = gplan
+        if scale is None:
+            continue
+        scales[gid] = scale
+        if scale != 1.0:
+            fold, _ = _matrices(gplan, group.size)
+            out.groups[gid] = GroupPlan(gplan.keep, fold * scale, gplan.merge, gplan.shift,
+                                        dict(gplan.consumer_shift))
+    return out, scales
 
 
 def statistics_before_folding(prepared, group_ids, compute) -> dict:

@@ -391,3 +391,184 @@ def test_a_method_that_folds_batchnorm_still_gets_the_batchnorm_statistics():
     assert stats.group == group.id and set(stats.reads) == {"conv2"}
     # a model prepared without folding is untouched: its own statistics
     assert Scoring.for_prepared(unfolded).group_statistics(twin.id).source == "bn"
+
+
+# --- variance restoration
+
+def gaussian_channels_model(consumer_gain=None, twins=(), seed: int = 7) -> onnx.ModelProto:
+    """x (C channels of N(0, 1)) -> Conv 1x1, channel c = a_c x_c (independent channels) -> BatchNorm whose
+    running statistics are the true ones (mean 0, var a_c^2), so its output is exactly N(beta_c, gamma_c^2) ->
+    Relu -> Conv 1x1 with bias (the consumer).  `twins`: pairs (c, d) made identical (channel d reads x_c with
+    c's weight and BatchNorm parameters): an exact merge."""
+    rng = np.random.default_rng(seed)
+    gain = rng.uniform(0.5, 2.0, C)
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(0.3, 0.5, C)
+    w1 = np.zeros((C, C, 1, 1))
+    w1[np.arange(C), np.arange(C), 0, 0] = gain
+    for c, d in twins:
+        w1[d] = w1[c]
+        gain[d], gamma[d], beta[d] = gain[c], gamma[c], beta[c]
+    w2 = rng.normal(0, 0.5, (4, C, 1, 1)) if consumer_gain is None else consumer_gain
+    inits = [_t("w1", w1), _t("g", gamma), _t("b", beta), _t("m", np.zeros(C)), _t("v", gain ** 2),
+             _t("w2", w2), _t("c2", rng.normal(0, 0.3, 4))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], epsilon=1e-9, name="bn1"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2", "c2"], ["y"], name="conv2")]
+    return _model(nodes, inits, [2, 4, 32, 32], x_shape=(2, C, 32, 32))
+
+
+def _gaussian_feeds(samples: int, seed: int = 11) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, C, 32, 32)).astype(np.float32)} for _ in range(samples)]
+
+
+def _per_output_moments(model, feeds) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel of `model`: mean and variance over batch and pixels."""
+    y = run(model, feeds)[0]
+    values = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
+    return values.mean(axis=1), values.var(axis=1)
+
+
+def _channel_of_position(prepared, tensor: str, position: int) -> int:
+    return int(prepared.analysis.id_channel[prepared.analysis.layouts[tensor].ids[position]])
+
+
+def test_restored_pruning_keeps_the_consumer_output_variance_and_mean():
+    """Independent Gaussian channels through Relu, a 1x1 consumer: the variance the consumer's outputs carry is
+    sum_c ||W[:, c]||^2 Var[x_c] exactly, so scaling the kept channels by sqrt(all / kept) restores the summed
+    output variance (Monte-Carlo on the rewritten ONNX model), and compensation keeps every output's mean."""
+    from onnx_prune.passes.compensate import compensation_summary, restore_variance
+
+    model = gaussian_channels_model()
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    stats = channel_statistics(prepared)
+    assert stats[group.id].source == "bn"
+    removed = [_channel_of_position(prepared, "c1", p) for p in (0, 3)]
+    plan = Plan({group.id: GroupPlan(np.setdiff1d(np.arange(C), removed))})
+    restored, scales = restore_variance(prepared, plan, stats)
+    assert plan.groups[group.id].fold is None  # the input plan is not changed
+    # the scale from the BatchNorm moments and the consumer weights, by hand
+    init = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    _, var = activation_moments("Relu", init["b"], init["g"])
+    energy = (init["w2"][:, :, 0, 0] ** 2).sum(axis=0)
+    kept_positions = [p for p in range(C) if p not in (0, 3)]
+    expected = np.sqrt((energy * var).sum() / (energy * var)[kept_positions].sum())
+    assert 1.05 < expected < 2.0 and scales[group.id] == pytest.approx(expected, rel=1e-6)
+    shifted = compensate(prepared, restored, stats)
+    summary = compensation_summary(shifted, stats, scales)
+    assert summary[group.id]["variance_scale"] == scales[group.id]
+    result = ApplyPlanPass(prepared.analysis, shifted)(prepared.model).model
+    onnx.checker.check_model(result, full_check=True)
+    unrestored = ApplyPlanPass(prepared.analysis, compensate(prepared, plan, stats))(prepared.model).model
+    feeds = _gaussian_feeds(10)  # 20480 samples per channel
+    mean0, var0 = _per_output_moments(model, feeds)
+    mean1, var1 = _per_output_moments(result, feeds)
+    mean2, var2 = _per_output_moments(unrestored, feeds)
+    assert run(result, feeds[:1])[0].shape == run(model, feeds[:1])[0].shape
+    assert var1.sum() == pytest.approx(var0.sum(), rel=0.03)
+    assert var2.sum() == pytest.approx(var0.sum() / expected ** 2, rel=0.03)  # without: the removed share missing
+    assert np.abs(mean1 - mean0).max() < 0.03 * np.sqrt(var0).max()  # compensation: the means stay
+    assert np.abs(mean2 - mean0).max() < 0.03 * np.sqrt(var0).max()
+
+
+def test_restoration_is_capped():
+    from onnx_prune.passes.compensate import restore_variance
+
+    prepared = prepare(gaussian_channels_model())
+    group = _group_of(prepared, "conv1")
+    stats = channel_statistics(prepared)
+    plan = Plan({group.id: GroupPlan(np.array([_channel_of_position(prepared, "c1", 5)]))})
+    free = restore_variance(prepared, plan, stats, cap=100.0)[1][group.id]
+    assert free > 2.0  # one channel of six carries the group's variance: a large scale uncapped
+    restored, scales = restore_variance(prepared, plan, stats)
+    assert scales[group.id] == 2.0
+    assert np.array_equal(restored.groups[group.id].fold, np.eye(C)[:, plan.groups[group.id].keep] * 2.0)
+
+
+def test_restoration_off_or_without_trusted_variances_changes_nothing():
+    """restore_variance=False is today's output byte for byte; on a BatchNorm-kept model it changes the output;
+    on a model without BatchNorm and without data (estimated variances) it changes nothing."""
+    from onnx_prune import prune
+
+    model = gaussian_channels_model()
+    default = prune(model, ratio=0.34, compensate=True)[0].SerializeToString()
+    off = prune(model, ratio=0.34, restore_variance=False)[0].SerializeToString()
+    on, report = prune(model, ratio=0.34, restore_variance=True)
+    assert default == off and on.SerializeToString() != off
+    assert any(g.get("variance_scale", 1.0) > 1.0 for g in report.details["compensation"].values())
+    onnx.checker.check_model(on, full_check=True)
+    no_bn = large_mean_model()
+    plain = prune(no_bn, ratio=0.5)[0].SerializeToString()
+    restored, report = prune(no_bn, ratio=0.5, restore_variance=True)
+    assert restored.SerializeToString() == plain
+    assert not any("variance_scale" in g for g in report.details.get("compensation", {}).values())
+
+
+def test_an_exact_merge_stays_exact_with_restoration():
+    """Two identical channels merged (centroid rows, summed consumer columns): nothing is lost, so the scale is
+    1, the plan unchanged and the outputs exact; merging two different channels restores something (s > 1)."""
+    from onnx_prune.passes.compensate import restore_variance
+    from onnx_prune.passes.merge import cluster_plan
+
+    model = gaussian_channels_model(twins=[(1, 4)])
+    prepared = prepare(model)
+    group = _group_of(prepared, "conv1")
+    a, b = _channel_of_position(prepared, "c1", 1), _channel_of_position(prepared, "c1", 4)
+    stats = channel_statistics(prepared)
+    labels = np.arange(C)
+    labels[max(a, b)] = min(a, b)
+    merged = cluster_plan(labels, group.frozen, average=True)
+    plan = Plan({group.id: merged})
+    restored, scales = restore_variance(prepared, plan, stats)
+    assert scales[group.id] == 1.0 and restored.groups[group.id] is merged
+    result = ApplyPlanPass(prepared.analysis, compensate(prepared, restored, stats))(prepared.model).model
+    onnx.checker.check_model(result, full_check=True)
+    feeds = _gaussian_feeds(2)
+    assert relative_error(run(model, feeds), run(result, feeds)) < 1e-5
+    # channels 0 and 2 are different: their centroid carries less than both did
+    other = np.arange(C)
+    c0, c2 = _channel_of_position(prepared, "c1", 0), _channel_of_position(prepared, "c1", 2)
+    other[max(c0, c2)] = min(c0, c2)
+    _, scales = restore_variance(prepared, Plan({group.id: cluster_plan(other, group.frozen, average=True)}), stats)
+    assert scales[group.id] > 1.0
+
+
+def test_residual_fraction_of_pruning_and_merging():
+    """Rows rebuilt as fold merge^T R: a removed channel loses all, a kept one nothing, the members of a centroid
+    of two orthogonal rows of equal norm half each; a carrier keeps what the producer left."""
+    from onnx_prune.analysis.criteria import FilterSet
+    from onnx_prune.passes.compensate import residual_fraction
+
+    rows = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0]])
+    producer = FilterSet("p", "producer", rows, np.arange(3), np.arange(3))
+    keep = np.eye(3)[:, [0, 2]]
+    assert residual_fraction({"producer": [producer], "carrier": []}, keep, keep, 3).tolist() == [0.0, 1.0, 0.0]
+    fold = np.array([[1.0, 0], [1.0, 0], [0, 1.0]])
+    merge = np.array([[0.5, 0], [0.5, 0], [0, 1.0]])
+    assert residual_fraction({"producer": [producer], "carrier": []}, fold, merge, 3) == pytest.approx([0.5, 0.5, 0])
+    carrier = FilterSet("d", "carrier", np.array([[2.0, 0], [2.0, 0], [1.0, 0]]), np.arange(3), np.arange(3))
+    assert residual_fraction({"producer": [producer], "carrier": [carrier]}, fold, merge, 3) == \
+        pytest.approx([0.5, 0.5, 0])  # identical carriers: no further loss
+    carrier.rows[1, 0] = -2.0  # opposite depthwise scales: the centroid's carrier is 0, all is lost
+    assert residual_fraction({"producer": [producer], "carrier": [carrier]}, fold, merge, 3) == \
+        pytest.approx([1.0, 1.0, 0])
+
+
+@pytest.mark.parametrize("name", ["residual_add", "concat", "se", "depthwise", "flatten_gemm", "grouped_conv",
+                                  "channel_shuffle", "blazeface_block"])
+def test_zero_channels_stay_exact_with_restoration(name):
+    """Measured statistics (trusted: restoration runs): the zero channels removed carry no variance, so every
+    scale is 1 and the outputs stay exact."""
+    from onnx_prune.passes.compensate import restore_variance
+
+    prepared = prepare(fixture_path(name))
+    zeroed = zero_model(prepared, zero_channels_choice(prepared))
+    plan, zp = make_plan(zeroed, ratio=0.3, criterion="l1", compensate=False)
+    feeds = feeds_for(prepared.model)
+    stats = channel_statistics(zp, calib=feeds_for(prepared.model, seed=3, samples=4))
+    restored, scales = restore_variance(zp, plan, stats)
+    assert scales and set(scales.values()) == {1.0}
+    result = ApplyPlanPass(zp.analysis, compensate(zp, restored, stats))(zp.model).model
+    assert relative_error(run(zeroed, feeds), run(result, feeds)) < 1e-4
