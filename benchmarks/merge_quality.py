@@ -47,11 +47,31 @@ from onnx_prune.passes.rewrite import ApplyPlanPass  # noqa: E402
 from onnx_prune.pipeline import compensated, constraints_of, prepare_folded  # noqa: E402
 
 
+FMNIST = ("fmnist_resnet20", "fmnist_mobilenet_v2", "fmnist_densenet", "fmnist_se_net")  # end-to-end only
+
+
 def evaluation_inputs(model: str, crops: int) -> np.ndarray:
+    if model.startswith("fmnist_"):
+        return evaluation_data(model, crops)[0]
     mean, std = pretrained_models.INPUT_NORMALISATION[model]
     labelled, _ = photo_split.labelled_images()
     eval_crops, _ = photo_split.crops("eval", crops)
     return photo_split.normalize(np.concatenate([labelled, eval_crops]), mean, std)
+
+
+def evaluation_data(model: str, crops: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels; -1 where unlabelled) as `benchmarks/pretrained_quality.py` evaluates `model`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pretrained_quality
+
+    data = pretrained_quality.Data(model, crops)
+    return data.x, data.labels
+
+
+def model_file(model: str, kind: str) -> Path:
+    if model.startswith("fmnist_"):
+        return ROOT / "models" / "trained" / f"{model.removeprefix('fmnist_')}.onnx"
+    return pretrained_models.model_path(model, kind)
 
 
 def logits(model, x: np.ndarray, batch: int = 50) -> np.ndarray:
@@ -104,7 +124,7 @@ def split_restore(options: dict) -> tuple[dict, dict]:
     return options, constants
 
 
-def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[dict]:
+def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path, labels: np.ndarray) -> list[dict]:
     import time
 
     import onnx_prune
@@ -127,9 +147,13 @@ def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[d
                     setattr(compensate, name, value)
             scales = [g["variance_scale"] for g in report.details.get("compensation", {}).values()
                       if "variance_scale" in g]
-            agreement, kl = agreement_and_kl(reference, logits(pruned, x))
+            outputs = logits(pruned, x)
+            agreement, kl = agreement_and_kl(reference, outputs)
+            labelled = labels >= 0
+            accuracy = float((outputs[labelled].argmax(1) == labels[labelled]).mean())
             merge = report.details.get("merge", {})
             row = {"target": target, "config": label, "options": recorded, "agreement": agreement, "kl": kl,
+                   "accuracy": accuracy,
                    "macs_kept": report.macs_after / report.macs_before, "seconds": time.perf_counter() - started,
                    "merged": merge.get("merged"), "merge_tol": merge.get("tol"), "pruned": report.details.get("pruned"),
                    "variance_scales": scales}
@@ -139,13 +163,15 @@ def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[d
                 extra += (f" restored {sum(s > 1 for s in scales)}/{len(scales)} groups, scale median "
                           f"{np.median(scales):.3f} max {max(scales):.3f}")
             print(f"{args.model} [{args.kind}] {target:.2f} {label:24s} agreement {agreement:.3f} KL {kl:.3f} "
+                  f"accuracy {accuracy:.3f} "
                   f"MACs {row['macs_kept']:.3f} ({row['seconds']:.0f} s){extra}", flush=True)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mobilenet_v2_imagenet", choices=pretrained_models.MODELS)
+    parser.add_argument("--model", default="mobilenet_v2_imagenet", choices=pretrained_models.MODELS + FMNIST,
+                        help="the Fashion-MNIST nets (as committed; --kind ignored) with --targets only")
     parser.add_argument("--kind", default="fused", choices=pretrained_models.KINDS)
     parser.add_argument("--keep", type=float, default=0.75, help="share of each group's channels kept")
     parser.add_argument("--eval-crops", type=int, default=100)
@@ -155,11 +181,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
-    x = evaluation_inputs(args.model, args.eval_crops)
-    path = pretrained_models.model_path(args.model, args.kind)
+    x, labels = evaluation_data(args.model, args.eval_crops)
+    path = model_file(args.model, args.kind)
     reference = logits(path, x)
     if args.targets:
-        rows = end_to_end(args, x, reference, path)
+        rows = end_to_end(args, x, reference, path, labels)
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         return 0
