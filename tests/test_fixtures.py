@@ -105,6 +105,19 @@ def test_rewrite_does_not_mutate_its_input():
     assert prepared.model.SerializeToString() == before
 
 
+@pytest.mark.parametrize("options", [dict(target_macs=0.7), dict(method="centripetal", ratio=0.4),
+                                     dict(method="red", ratio=0.4), dict(method="similarity", ratio=0.4),
+                                     dict(criterion="fpgm", ratio=0.4, allocation="global")])
+def test_no_method_changes_the_callers_model(options):
+    """The Python API is handed a ModelProto that the caller still owns: whatever the method (sensitivity
+    trials, BatchNorm folding, hashing, merging), that object is byte-identical afterwards."""
+    model = onnx.load(fixture_path("residual_add"))
+    before = model.SerializeToString()
+    pruned, _ = onnx_prune.prune(model, progress=False, **options)
+    assert model.SerializeToString() == before
+    assert pruned.SerializeToString() != before
+
+
 def test_residual_add_couples_the_block_and_freezes_the_classifier():
     prepared = prepare(fixture_path("residual_add"))
     stem = _group_of(prepared, "conv0")
