@@ -110,8 +110,9 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 
 # Config keys that set a variance-restoration constant of `passes.compensate` for that run (measurement only):
-# ``restore_cap:3`` (RESTORE_CAP), ``restore_sources:bn,measured,propagated`` (RESTORE_SOURCES).
-RESTORE_KEYS = {"restore_cap": "RESTORE_CAP", "restore_sources": "RESTORE_SOURCES"}
+# ``restore_cap:3`` (RESTORE_CAP), ``restore_sources:bn,measured,propagated`` (RESTORE_SOURCES),
+# ``restore_merges:false`` (RESTORE_MERGES).
+RESTORE_KEYS = {"restore_cap": "RESTORE_CAP", "restore_sources": "RESTORE_SOURCES", "restore_merges": "RESTORE_MERGES"}
 
 
 def split_restore(options: dict) -> tuple[dict, dict]:
@@ -120,7 +121,8 @@ def split_restore(options: dict) -> tuple[dict, dict]:
     for key, name in RESTORE_KEYS.items():
         if key in options:
             value = options.pop(key)
-            constants[name] = tuple(str(value).split(",")) if name == "RESTORE_SOURCES" else float(value)
+            constants[name] = (tuple(str(value).split(",")) if name == "RESTORE_SOURCES" else
+                               bool(value) if name == "RESTORE_MERGES" else float(value))
     return options, constants
 
 

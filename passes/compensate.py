@@ -116,6 +116,7 @@ def compensation_summary(plan: Plan, stats: dict[int, GroupStatistics],
 RESTORE_SOURCES = ("bn", "measured", "constant")  # variances worth restoring (the others do not rank channels)
 RESTORE_CAP = 2.0  # largest scale applied
 ROUNDING = 1e-9    # a relative variance loss below this is float rounding (an exact merge): nothing to restore
+RESTORE_MERGES = True  # also groups whose plan merges (a fold or merge matrix), not only plainly pruned ones
 
 
 def _by_channel(layer, size: int) -> np.ndarray:
@@ -213,7 +214,9 @@ def restore_variance(prepared, plan: Plan, stats: dict[int, GroupStatistics],
     for gid, gplan in plan.groups.items():
         group, st = groups[gid], stats.get(gid)
         reduced = len(gplan.keep) < group.size or gplan.fold is not None or gplan.merge is not None
-        scale = variance_scale(group, gplan, st, weights, bn_after, sources, cap) if reduced and st else None
+        merges = gplan.fold is not None or gplan.merge is not None
+        wanted = reduced and st is not None and (RESTORE_MERGES or not merges)
+        scale = variance_scale(group, gplan, st, weights, bn_after, sources, cap) if wanted else None
         out.groups[gid] = gplan
         if scale is None:
             continue

@@ -572,3 +572,18 @@ def test_zero_channels_stay_exact_with_restoration(name):
     assert scales and set(scales.values()) == {1.0}
     result = ApplyPlanPass(zp.analysis, compensate(zp, restored, stats))(zp.model).model
     assert relative_error(run(zeroed, feeds), run(result, feeds)) < 1e-4
+
+
+def test_restore_variance_from_the_command_line(tmp_path):
+    """--restore-variance reaches the pipeline (generated flag): the report gives each restored group's scale."""
+    import json
+
+    from onnx_prune.cli import main
+
+    source, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(gaussian_channels_model(), source)
+    assert main([str(source), str(out), "--ratio", "0.34", "--restore-variance", "--report", str(report),
+                 "--quiet"]) == 0
+    scales = [g["variance_scale"] for g in json.loads(report.read_text())["details"]["compensation"].values()]
+    assert scales and max(scales) > 1.0
+    onnx.checker.check_model(onnx.load(out), full_check=True)
