@@ -438,7 +438,7 @@ def test_restored_pruning_keeps_the_consumer_output_variance_and_mean():
     """Independent Gaussian channels through Relu, a 1x1 consumer: the variance the consumer's outputs carry is
     sum_c ||W[:, c]||^2 Var[x_c] exactly, so scaling the kept channels by sqrt(all / kept) restores the summed
     output variance (Monte-Carlo on the rewritten ONNX model), and compensation keeps every output's mean."""
-    from onnx_prune.passes.compensate import compensation_summary, restore_variance
+    from onnx_prune.passes.compensate import RESTORE_CAP, compensation_summary, restore_variance
 
     model = gaussian_channels_model()
     prepared = prepare(model)
@@ -455,7 +455,7 @@ def test_restored_pruning_keeps_the_consumer_output_variance_and_mean():
     energy = (init["w2"][:, :, 0, 0] ** 2).sum(axis=0)
     kept_positions = [p for p in range(C) if p not in (0, 3)]
     expected = np.sqrt((energy * var).sum() / (energy * var)[kept_positions].sum())
-    assert 1.05 < expected < 2.0 and scales[group.id] == pytest.approx(expected, rel=1e-6)
+    assert 1.05 < expected < RESTORE_CAP and scales[group.id] == pytest.approx(expected, rel=1e-6)
     shifted = compensate(prepared, restored, stats)
     summary = compensation_summary(shifted, stats, scales)
     assert summary[group.id]["variance_scale"] == scales[group.id]
@@ -474,17 +474,17 @@ def test_restored_pruning_keeps_the_consumer_output_variance_and_mean():
 
 
 def test_restoration_is_capped():
-    from onnx_prune.passes.compensate import restore_variance
+    from onnx_prune.passes.compensate import RESTORE_CAP, restore_variance
 
     prepared = prepare(gaussian_channels_model())
     group = _group_of(prepared, "conv1")
     stats = channel_statistics(prepared)
     plan = Plan({group.id: GroupPlan(np.array([_channel_of_position(prepared, "c1", 5)]))})
     free = restore_variance(prepared, plan, stats, cap=100.0)[1][group.id]
-    assert free > 2.0  # one channel of six carries the group's variance: a large scale uncapped
+    assert free > 2.0 > RESTORE_CAP  # one channel of six carries the group's variance: a large scale uncapped
     restored, scales = restore_variance(prepared, plan, stats)
-    assert scales[group.id] == 2.0
-    assert np.array_equal(restored.groups[group.id].fold, np.eye(C)[:, plan.groups[group.id].keep] * 2.0)
+    assert scales[group.id] == RESTORE_CAP
+    assert np.array_equal(restored.groups[group.id].fold, np.eye(C)[:, plan.groups[group.id].keep] * RESTORE_CAP)
 
 
 def test_restoration_off_or_without_trusted_variances_changes_nothing():
