@@ -29,6 +29,16 @@ from onnx_prune.passes.plan import GroupPlan, Plan
 from onnx_prune.runtime.cost import Cost
 
 
+
+def synthetic_hedge(source: str, max_ratio: float) -> float | None:
+    """The share of a group that damage curves measured on synthetic images may remove, where the user set no
+    --max-ratio: `passes.sensitivity.SYNTHETIC_MAX_REMOVED`, since those images can hide damage real inputs
+    show (the Fashion-MNIST SE-net's first convolutions and SE squeezes look free on 1/f noise); None: no
+    hedge (curves measured on --calib data, or a --max-ratio given)."""
+    from onnx_prune.passes.sensitivity import SYNTHETIC_MAX_REMOVED
+
+    return SYNTHETIC_MAX_REMOVED if source == "synthetic" and max_ratio >= 1.0 else None
+
 @dataclass
 class MethodInput:
     """What a method reads: the prepared (normalised, analysed) model, the constraints, the options, and the
@@ -99,12 +109,12 @@ class MethodInput:
         return _safe_cost(self.prepared.original)
 
     def allocator(self, scores: dict[int, np.ndarray], cap: dict[int, int] | None = None,
-                  round_to: int | str | None = None) -> Allocator:
+                  round_to: int | str | None = None, max_ratio: float | None = None) -> Allocator:
         from onnx_prune.analysis.criteria import comparable_across_groups
 
         round_to = self.constraints.round_to if round_to is None else round_to
-        return Allocator(self.prepared.analysis, scores, self.cost_model(), round_to,
-                         self.constraints.max_ratio, cap=cap,
+        max_ratio = self.constraints.max_ratio if max_ratio is None else max_ratio
+        return Allocator(self.prepared.analysis, scores, self.cost_model(), round_to, max_ratio, cap=cap,
                          comparable=comparable_across_groups(self.opts.criterion), latency=self.latency_model())
 
     def counts_for(self, scores: dict[int, np.ndarray], select=None, cap: dict[int, int] | None = None
@@ -120,11 +130,21 @@ class MethodInput:
         from onnx_prune.passes.sensitivity import damage_counts
 
         curves, source = self.damage_curves(allocator, select)
-        counts = damage_counts(self.prepared, curves, self.group_ids, constraints.target, self.cost_model(),
-                               make_allocator=lambda s: self.allocator(s, cap), extrapolate=True)
+        hedge = synthetic_hedge(source, constraints.max_ratio)
+
+        def counts_with(max_ratio):
+            return damage_counts(self.prepared, curves, self.group_ids, constraints.target, self.cost_model(),
+                                 make_allocator=lambda s: self.allocator(s, cap, max_ratio=max_ratio),
+                                 extrapolate=True)
+        counts = counts_with(hedge)
+        if hedge is not None and not allocator.reaches(counts, constraints.target):
+            unhedged = counts_with(None)
+            if allocator.miss(unhedged, constraints.target) < allocator.miss(counts, constraints.target):
+                hedge, counts = None, unhedged  # the target needs deeper cuts than the hedge allows
         analysis = self.prepared.analysis
         return counts, {**chosen, "sensitivity": {
-            "inputs": source, "curves": {analysis.groups[g].name: c.to_dict() for g, c in sorted(curves.items())},
+            "inputs": source, "max_removed": hedge if hedge is not None else constraints.max_ratio,
+            "curves": {analysis.groups[g].name: c.to_dict() for g, c in sorted(curves.items())},
             "kept": {analysis.groups[g].name: f"{n}/{analysis.groups[g].size}" for g, n in sorted(counts.items())}}}
 
     @cached_property

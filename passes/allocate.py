@@ -264,6 +264,16 @@ class Allocator:
         macs, params = self.cost.evaluate(kept_ids(self.analysis, self.plan_for_counts(counts)))
         return macs / self.cost.macs if target.macs is not None else params / self.cost.params
 
+    def miss(self, counts: dict[int, int], target: Target) -> float:
+        """How far these counts land from a MAC or parameter target, beyond TARGET_TOLERANCE (0: reached; other
+        targets: 0)."""
+        if target.kind not in ("macs", "params") or self.cost is None:
+            return 0.0
+        return max(0.0, abs(self.fraction(counts, target) - target.value) - target.value * TARGET_TOLERANCE)
+
+    def reaches(self, counts: dict[int, int], target: Target) -> bool:
+        return self.miss(counts, target) == 0.0
+
     def allocate(self, target: Target, allocation: str = "uniform", select=None) -> Plan:
         """The Plan for `target`: counts per group first (cheap), then `select` (default: the top scores) picks
         and folds the channels of each shrinking group once."""

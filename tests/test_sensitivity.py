@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_prune
 from conftest import fixture_path
 from onnx_prune.errors import PruneError
-from onnx_prune.passes.sensitivity import DamageCurve, removal_counts
+from onnx_prune.passes.sensitivity import SYNTHETIC_MAX_REMOVED, DamageCurve, removal_counts
 
 C = 8
 DEAD = (0, 2, 4, 6)  # group A's channels made constant: BatchNorm gamma 0, beta 2, after Relu
@@ -61,7 +61,8 @@ def _kept(report):
 
 def test_free_channels_go_first_and_the_result_is_exact():
     model = two_group_model()
-    pruned, report = onnx_prune.prune(model, ratio=0.25, allocation="sensitivity")
+    # (a --max-ratio given replaces the hedge on synthetic-image curves, see the next test)
+    pruned, report = onnx_prune.prune(model, ratio=0.25, allocation="sensitivity", max_ratio=0.5)
     kept = {name: n for name, n in _kept(report).items() if name != "fc"}
     # 4 of 16 channels: exactly the constant ones of A (zero damage), none of B; uniform takes 2 + 2
     assert kept == {"convA": 4, "convB": 8}, kept
@@ -72,6 +73,22 @@ def test_free_channels_go_first_and_the_result_is_exact():
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), rtol=1e-4, atol=1e-5)
     _, uniform = onnx_prune.prune(model, ratio=0.25, allocation="uniform")
     assert _kept(uniform) == {"convA": 6, "convB": 6, "fc": 10}
+
+
+def test_curves_on_synthetic_images_remove_at_most_the_hedge_unless_the_target_needs_more():
+    """Damage measured on synthetic images can hide what real inputs show: without data and without a
+    --max-ratio, no group loses more than SYNTHETIC_MAX_REMOVED of its channels -- unless only deeper cuts
+    reach the target (then the unhedged allocation, said in the report)."""
+    model = two_group_model()
+    _, report = onnx_prune.prune(model, ratio=0.25, allocation="sensitivity")
+    assert report.details["sensitivity"]["max_removed"] == SYNTHETIC_MAX_REMOVED
+    kept = _kept(report)
+    assert min(kept["convA"], kept["convB"]) >= C - int(SYNTHETIC_MAX_REMOVED * C)
+    assert kept["convA"] + kept["convB"] == 2 * C - 4  # the ratio is still met
+    _, deep = onnx_prune.prune(model, target_macs=0.3, allocation="sensitivity")
+    assert deep.details["sensitivity"]["max_removed"] == 1.0
+    assert min(_kept(deep)["convA"], _kept(deep)["convB"]) < C - int(SYNTHETIC_MAX_REMOVED * C)
+    assert abs(deep.macs_after / deep.macs_before - 0.3) < 0.05
 
 
 def test_damage_is_measured_on_calibration_data_when_given(tmp_path):
