@@ -13,6 +13,8 @@ curve on 32 synthetic 1/f-noise images.  Each variant changes one thing, in this
 - ``dead-leaves``: occlusion images (random disks of random colours, radii ~ 1/r^3) instead of 1/f noise;
 - ``logit-mse``: damage as the squared error of the centred logits over their energy, instead of the KL of the
   softmax;
+- ``obs-synthetic-N``: not a sensitivity variant: N synthetic 1/f images handed to ``--calib`` (so the default
+  method becomes obs: second-order selection and reconstruction fitted to the noise's statistics);
 - ``bn-surrogate``: (BatchNorm-kept exports) damage measured in a copy of the model whose BatchNorms' running
   statistics are re-estimated on the synthetic images, all in one run of a copy that normalises with batch
   statistics, so that every normalised channel has on the synthetic images the mean and spread its BatchNorm
@@ -205,8 +207,8 @@ def surrogate_damage_curves(self, allocator, select=None):
         self.prepared = original
 
 
-def use(variant: str) -> dict:
-    """Put the library back, then apply `variant`; returns the prune() keywords it needs."""
+def use(variant: str, model_file: Path | None = None) -> dict:
+    """Put the library back, then apply `variant` (for `model_file`); returns the prune() keywords it needs."""
     expected.synthetic_inputs = LIBRARY["synthetic_inputs"]
     sensitivity.output_damage = LIBRARY["output_damage"]
     sensitivity.damage_inputs.__defaults__ = LIBRARY["damage_inputs_defaults"]
@@ -231,7 +233,21 @@ def use(variant: str) -> dict:
     if variant == "bn-surrogate":
         methods.MethodInput.damage_curves = surrogate_damage_curves
         return {}
+    if variant.startswith("obs-synthetic-"):
+        return {"calib": synthetic_calibration(model_file, int(variant[len("obs-synthetic-"):]))}
     raise SystemExit(f"unknown variant {variant!r}")
+
+
+def synthetic_calibration(path: Path, samples: int) -> str:
+    """An .npz of `samples` synthetic 1/f images for the model at `path` (feeds of 32), in a temporary folder."""
+    import tempfile
+
+    model = onnx.load(str(path), load_external_data=False)
+    feeds = expected.synthetic_inputs(model, samples=samples, batch=32, seed=0)
+    arrays = {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
+    out = Path(tempfile.mkdtemp(prefix="synthetic_calib_")) / f"{path.stem}_{samples}.npz"
+    np.savez(out, **arrays)
+    return str(out)
 
 
 def main(argv=None) -> int:
@@ -251,7 +267,7 @@ def main(argv=None) -> int:
             reference = pq.predict(path, data.x)
             for keep in [float(k) for k in args.keep.split(",")]:
                 for variant in args.variants.split(","):
-                    options = use(variant)
+                    options = use(variant, path)
                     start = time.time()
                     pruned, report = onnx_prune.prune(str(path), target_macs=keep, progress=False, **options)
                     row = {"model": model, "kind": kind, "keep": keep, "variant": variant,
