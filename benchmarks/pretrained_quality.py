@@ -302,8 +302,8 @@ def benchmark_model(model: str, kinds: list[str], keep: list[float], args, tp_ca
                 if not selected(config.label, args.only, args.skip):
                     continue
                 photos_counts = [None] if model.startswith("fmnist_") else args.photos  # one source: no photos
-                for calib, photos in calibration_variants(config, args.calib_sizes, photos_counts,
-                                                          args.calib_everything):
+                variants = calibration_variants(config, args.calib_sizes, photos_counts, args.calib_everything)
+                for calib, photos in [v for v in variants if not (args.data_free and v[0])]:
                     options = dict(config.options)
                     if calib:
                         key = (calib, photos)
@@ -497,6 +497,8 @@ def parse_args(argv):
     parser.add_argument("--calib-sizes", help="calibration set sizes (default 64,256,1024)")
     parser.add_argument("--photos", help="distinct calibration photos at the middle size: e.g. 5,10,all "
                                          "(default 5,10; 'all' is the plain calibrated row)")
+    parser.add_argument("--data-free", action="store_true",
+                        help="only the runs without calibration data (no calibrated variant of any method)")
     parser.add_argument("--calib-everything", action="store_true",
                         help="also run every data-free configuration with calibration data")
     parser.add_argument("--eval-crops", type=int, help=f"evaluation crops (default {DEFAULT_EVAL_CROPS})")
