@@ -14,7 +14,11 @@ three ways, on the model the merging methods analyse (BatchNorm folded), every p
 
 ``--targets 0.9,0.8`` instead prunes the whole model with `onnx_prune.prune` at those shares of MACs, once per
 ``--configs`` entry (``label=key:value;key:value``, values parsed as JSON where they parse; default: the
-merging methods and pruning at the same allocation), and prints agreement / KL / MACs reached per run.
+merging methods and pruning at the same allocation), and prints agreement / KL / MACs reached per run.  With
+``--fixed-plan`` each config's plan is built once and compensated without and with variance restoration
+(``--restore-variance``), the allocation held fixed.  Config keys ``restore_cap``, ``restore_sources`` and
+``restore_merges`` set `passes.compensate`'s restoration constants for a run (measurement only).  The
+Fashion-MNIST nets (``fmnist_<net>``) run with ``--targets`` only.
 
 Prints, per group, its size, carriers, whether its consumers read a linear stream, and top-1 agreement / KL
 (of the pruned model's softmax from the original's, mean over the inputs) on the labelled images and
@@ -170,6 +174,35 @@ def end_to_end(args, x: np.ndarray, reference: np.ndarray, path: Path, labels: n
     return rows
 
 
+def fixed_plan(args, x: np.ndarray, reference: np.ndarray, path: Path) -> list[dict]:
+    """Per target and config: the config's plan (built without restoration, so the allocation is the same),
+    compensated without and with variance restoration, through the one rewrite."""
+    from dataclasses import replace
+
+    from onnx_prune.methods import MethodInput
+    from onnx_prune.pipeline import _options, build_recipe
+
+    rows = []
+    for target in [float(t) for t in args.targets.split(",")]:
+        for label, options in map(parse_config, args.configs):
+            opts = _options(PruneOptions(**{**options, "target_macs": target, "restore_variance": False}), {})
+            recipe = build_recipe(str(path), opts)
+            bare = Plan({g: GroupPlan(p.keep, p.fold, p.merge) for g, p in recipe.plan.groups.items()})
+            for restore in (False, True):
+                given_opts = replace(opts, restore_variance=restore)
+                given = MethodInput(recipe.prepared, constraints_of(given_opts), given_opts, None)
+                plan, details = compensated(given, bare)
+                pruned = ApplyPlanPass(recipe.prepared.analysis, plan)(recipe.prepared.model).model
+                agreement, kl = agreement_and_kl(reference, logits(pruned, x))
+                scales = [d["variance_scale"] for d in details.values() if "variance_scale" in d]
+                rows.append({"target": target, "config": label, "restore": restore, "agreement": agreement,
+                             "kl": kl, "variance_scales": scales})
+                print(f"{args.model} [{args.kind}] {target:.2f} {label:24s} same plan, restore {str(restore):5s} "
+                      f"agreement {agreement:.3f} KL {kl:.3f}"
+                      + (f" scale max {max(scales):.3f} over {len(scales)} groups" if scales else ""), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mobilenet_v2_imagenet", choices=pretrained_models.MODELS + FMNIST,
@@ -180,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", help="prune the whole model at these shares of MACs instead (e.g. 0.9,0.8)")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                         help="with --targets: label=key:value;key:value ... (PruneOptions fields)")
+    parser.add_argument("--fixed-plan", action="store_true",
+                        help="with --targets: each config's plan once, compensated without and with variance "
+                             "restoration (the allocation held fixed)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -187,7 +223,8 @@ def main(argv=None) -> int:
     path = model_file(args.model, args.kind)
     reference = logits(path, x)
     if args.targets:
-        rows = end_to_end(args, x, reference, path, labels)
+        rows = (fixed_plan(args, x, reference, path) if args.fixed_plan else
+                end_to_end(args, x, reference, path, labels))
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         return 0
