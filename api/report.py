@@ -81,7 +81,9 @@ def target_lines(report) -> list[str]:
     if isinstance(chosen, dict) and chosen.get("auto"):  # recorded where --calib data made auto choose
         lines.append(f"method: auto -> {chosen['auto']} ({chosen['why']})")
     if details.get("allocation", {}).get("why"):  # what "auto" became, and why
-        lines.append(f"allocation: {details['allocation']['why']}")
+        hedge = details.get("sensitivity", {}).get("max_removed")
+        hedged = f"; at most {hedge:.0%} of a group" if hedge is not None and hedge < 1.0 else ""
+        lines.append(f"allocation: {details['allocation']['why']}{hedged}")
     if details.get("steps"):
         lines.append("steps: " + " -> ".join(f"{s['keep']:.0%}" for s in details["steps"]) + " of the original's "
                      + ("MACs" if details["steps"][0]["kind"] == "macs" else "params"))

@@ -82,6 +82,9 @@ def test_curves_on_synthetic_images_remove_at_most_the_hedge_unless_the_target_n
     model = two_group_model()
     _, report = onnx_prune.prune(model, ratio=0.25, allocation="sensitivity")
     assert report.details["sensitivity"]["max_removed"] == SYNTHETIC_MAX_REMOVED
+    _, auto = onnx_prune.prune(model, target_macs=0.8, progress=False)
+    assert auto.details["sensitivity"]["max_removed"] == SYNTHETIC_MAX_REMOVED
+    assert "sensitivity on synthetic images (" in auto.summary() and "; at most 35% of a group" in auto.summary()
     kept = _kept(report)
     assert min(kept["convA"], kept["convB"]) >= C - int(SYNTHETIC_MAX_REMOVED * C)
     assert kept["convA"] + kept["convB"] == 2 * C - 4  # the ratio is still met
