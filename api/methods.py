@@ -30,14 +30,17 @@ from onnx_prune.runtime.cost import Cost
 
 
 
-def synthetic_hedge(source: str, max_ratio: float) -> float | None:
-    """The share of a group that damage curves measured on synthetic images may remove, where the user set no
-    --max-ratio: `passes.sensitivity.SYNTHETIC_MAX_REMOVED`, since those images can hide damage real inputs
-    show (the Fashion-MNIST SE-net's first convolutions and SE squeezes look free on 1/f noise); None: no
-    hedge (curves measured on --calib data, or a --max-ratio given)."""
+def synthetic_hedge(source: str, max_ratio: float, target_kind: str | None) -> float | None:
+    """The share of a group that damage curves measured on synthetic images may remove for a MAC or parameter
+    target where --max-ratio is 1 (no limit): `passes.sensitivity.SYNTHETIC_MAX_REMOVED`, since those images
+    can hide damage real inputs show (the Fashion-MNIST SE-net's first convolutions and SE squeezes look free
+    on 1/f noise).  None: no hedge -- curves measured on --calib data, a --max-ratio below 1 given (it replaces
+    the hedge), or a ratio or latency target (whose reach the hedge could silently cut short)."""
     from onnx_prune.passes.sensitivity import SYNTHETIC_MAX_REMOVED
 
-    return SYNTHETIC_MAX_REMOVED if source == "synthetic" and max_ratio >= 1.0 else None
+    if source != "synthetic" or max_ratio < 1.0 or target_kind not in ("macs", "params"):
+        return None
+    return SYNTHETIC_MAX_REMOVED
 
 @dataclass
 class MethodInput:
@@ -130,7 +133,7 @@ class MethodInput:
         from onnx_prune.passes.sensitivity import damage_counts
 
         curves, source = self.damage_curves(allocator, select)
-        hedge = synthetic_hedge(source, constraints.max_ratio)
+        hedge = synthetic_hedge(source, constraints.max_ratio, constraints.target.kind)
 
         def counts_with(max_ratio):
             return damage_counts(self.prepared, curves, self.group_ids, constraints.target, self.cost_model(),
@@ -144,6 +147,7 @@ class MethodInput:
         analysis = self.prepared.analysis
         return counts, {**chosen, "sensitivity": {
             "inputs": source, "max_removed": hedge if hedge is not None else constraints.max_ratio,
+            "hedged": hedge is not None,
             "curves": {analysis.groups[g].name: c.to_dict() for g, c in sorted(curves.items())},
             "kept": {analysis.groups[g].name: f"{n}/{analysis.groups[g].size}" for g, n in sorted(counts.items())}}}
 

@@ -69,7 +69,8 @@ class PruneOptions:
                         metavar="K")
     max_ratio: float = option(1.0, "never remove more than this share of a group (default 1: no limit; but "
                               "damage curves measured on synthetic images, the data-free sensitivity allocation, "
-                              "remove at most 0.35 of a group where the target allows it)",
+                              "remove at most 0.35 of a group for a MAC or parameter target where the target "
+                              "allows it; any value below 1 replaces that)",
                               group=CHOICE, metavar="R")
     round_to: int | str = option("size", "round each kept channel count up to a multiple of N; 'size' (default): "
                                  "to a multiple of 8 (16 in groups of 128 channels or more; for slots a grouped "

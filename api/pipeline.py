@@ -292,6 +292,9 @@ def check_options(opts: PruneOptions) -> None:
         raise PruneError("--repair refits layers on calibration data: give --calib data.npz")
     if opts.ridge < 0:
         raise PruneError(f"--ridge must be >= 0, got {opts.ridge}")
+    if opts.restore_variance and not opts.compensate:
+        raise PruneError("--restore-variance scales kept channels and needs compensation to put their means "
+                         "back: drop --no-compensate")
     if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
         raise PruneError(f"--seed must be a non-negative integer, got {opts.seed}")
     for name, value in opts.__dict__.items():

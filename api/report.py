@@ -80,10 +80,13 @@ def target_lines(report) -> list[str]:
     chosen = details.get("method")
     if isinstance(chosen, dict) and chosen.get("auto"):  # recorded where --calib data made auto choose
         lines.append(f"method: auto -> {chosen['auto']} ({chosen['why']})")
+    sensitivity = details.get("sensitivity", {})
+    hedged = (f"at most {sensitivity['max_removed']:.0%} of a group"
+              + (" per step" if details.get("steps") else "")) if sensitivity.get("hedged") else ""
     if details.get("allocation", {}).get("why"):  # what "auto" became, and why
-        hedge = details.get("sensitivity", {}).get("max_removed")
-        hedged = f"; at most {hedge:.0%} of a group" if hedge is not None and hedge < 1.0 else ""
-        lines.append(f"allocation: {details['allocation']['why']}{hedged}")
+        lines.append(f"allocation: {details['allocation']['why']}" + (f"; {hedged}" if hedged else ""))
+    elif hedged:
+        lines.append(f"allocation: sensitivity on synthetic images; {hedged}")
     if details.get("steps"):
         lines.append("steps: " + " -> ".join(f"{s['keep']:.0%}" for s in details["steps"]) + " of the original's "
                      + ("MACs" if details["steps"][0]["kind"] == "macs" else "params"))

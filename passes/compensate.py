@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_prune.analysis.criteria import batchnorm_after, filter_sets, row_energy
+from onnx_prune.analysis.criteria import TRUSTED_VARIANCE, batchnorm_after, filter_sets, row_energy
 from onnx_prune.analysis.expected import GroupStatistics
 from onnx_prune.passes.plan import GroupPlan, Plan
 
@@ -113,7 +113,7 @@ def compensation_summary(plan: Plan, stats: dict[int, GroupStatistics],
 
 # --- variance restoration
 
-RESTORE_SOURCES = ("bn", "measured", "constant")  # variances worth restoring (the others do not rank channels)
+RESTORE_SOURCES = TRUSTED_VARIANCE  # variances worth restoring (the others do not rank channels)
 RESTORE_CAP = 1.5  # largest scale applied (measured: EfficientNet-Lite0 BN at 80% of MACs 0.581 / 0.600 / 0.614
                    # with caps 2 / 1.5 / 1.25, MobileNetV2 BN 0.371 / 0.371 / 0.367; merge_quality.md)
 ROUNDING = 1e-9    # a relative variance loss below this is float rounding (an exact merge): nothing to restore

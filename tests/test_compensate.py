@@ -488,7 +488,8 @@ def test_restoration_is_capped():
 
 
 def test_restoration_off_or_without_trusted_variances_changes_nothing():
-    """restore_variance=False is today's output byte for byte; on a BatchNorm-kept model it changes the output;
+    """Restoration is off by default (the default run's bytes are those of restore_variance=False); on a
+    BatchNorm-kept model it changes the output;
     on a model without BatchNorm and without data (estimated variances) it changes nothing."""
     from onnx_prune import prune
 
@@ -504,6 +505,14 @@ def test_restoration_off_or_without_trusted_variances_changes_nothing():
     restored, report = prune(no_bn, ratio=0.5, restore_variance=True)
     assert restored.SerializeToString() == plain
     assert not any("variance_scale" in g for g in report.details.get("compensation", {}).values())
+
+
+def test_restoration_without_compensation_is_refused():
+    from onnx_prune import prune
+    from onnx_prune.errors import PruneError
+
+    with pytest.raises(PruneError, match="restore.variance scales.*compensat"):
+        prune(gaussian_channels_model(), ratio=0.34, restore_variance=True, compensate=False)
 
 
 def test_an_exact_merge_stays_exact_with_restoration():

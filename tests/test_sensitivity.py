@@ -77,19 +77,30 @@ def test_free_channels_go_first_and_the_result_is_exact():
 
 def test_curves_on_synthetic_images_remove_at_most_the_hedge_unless_the_target_needs_more():
     """Damage measured on synthetic images can hide what real inputs show: without data and without a
-    --max-ratio, no group loses more than SYNTHETIC_MAX_REMOVED of its channels -- unless only deeper cuts
-    reach the target (then the unhedged allocation, said in the report)."""
+    --max-ratio, for a MAC target no group loses more than SYNTHETIC_MAX_REMOVED of its channels -- unless only
+    deeper cuts reach the target (then the unhedged allocation, said in the report)."""
     model = two_group_model()
-    _, report = onnx_prune.prune(model, ratio=0.25, allocation="sensitivity")
+    _, report = onnx_prune.prune(model, target_macs=0.6, allocation="sensitivity", progress=False)
+    assert report.details["sensitivity"]["hedged"]
     assert report.details["sensitivity"]["max_removed"] == SYNTHETIC_MAX_REMOVED
-    _, auto = onnx_prune.prune(model, target_macs=0.8, progress=False)
-    assert auto.details["sensitivity"]["max_removed"] == SYNTHETIC_MAX_REMOVED
-    assert "sensitivity on synthetic images (" in auto.summary() and "; at most 35% of a group" in auto.summary()
     kept = _kept(report)
     assert min(kept["convA"], kept["convB"]) >= C - int(SYNTHETIC_MAX_REMOVED * C)
-    assert kept["convA"] + kept["convB"] == 2 * C - 4  # the ratio is still met
-    _, deep = onnx_prune.prune(model, target_macs=0.3, allocation="sensitivity")
-    assert deep.details["sensitivity"]["max_removed"] == 1.0
+    _, unhedged = onnx_prune.prune(model, target_macs=0.6, allocation="sensitivity", max_ratio=0.5, progress=False)
+    assert _kept(unhedged)["convA"] < C - int(SYNTHETIC_MAX_REMOVED * C)  # what the hedge prevented
+    for result in (report, unhedged):
+        assert abs(result.macs_after / result.macs_before - 0.6) < 0.6 * 0.05
+    # the summary names the hedge, for auto, for an explicit --allocation sensitivity and per step
+    _, auto = onnx_prune.prune(model, target_macs=0.8, progress=False)
+    assert "sensitivity on synthetic images (" in auto.summary() and "; at most 35% of a group" in auto.summary()
+    assert "allocation: sensitivity on synthetic images; at most 35% of a group" in report.summary()
+    _, stepped = onnx_prune.prune(model, target_macs=0.7, steps=2, progress=False)
+    assert "at most 35% of a group per step" in stepped.summary()
+    # a ratio target is not hedged (its reach would be cut short silently)
+    _, ratio = onnx_prune.prune(model, ratio=0.5, allocation="sensitivity", progress=False)
+    assert not ratio.details["sensitivity"]["hedged"] and sum(_kept(ratio)[g] for g in ("convA", "convB")) == C
+    # a target only deeper cuts reach: the unhedged counts
+    _, deep = onnx_prune.prune(model, target_macs=0.3, allocation="sensitivity", progress=False)
+    assert not deep.details["sensitivity"]["hedged"] and deep.details["sensitivity"]["max_removed"] == 1.0
     assert min(_kept(deep)["convA"], _kept(deep)["convB"]) < C - int(SYNTHETIC_MAX_REMOVED * C)
     assert abs(deep.macs_after / deep.macs_before - 0.3) < 0.05
 
