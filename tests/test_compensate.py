@@ -596,3 +596,23 @@ def test_restore_variance_from_the_command_line(tmp_path):
     scales = [g["variance_scale"] for g in json.loads(report.read_text())["details"]["compensation"].values()]
     assert scales and max(scales) > 1.0
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+@pytest.mark.parametrize("name", ["channel_shuffle", "concat", "depthwise", "flatten_gemm", "grouped_conv", "se"])
+def test_restoration_with_scales_above_one_keeps_every_topology_valid(name, tmp_path):
+    """Measured variances (a --calib file) make real scales (> 1) through Concat, Flatten -> Gemm, grouped and
+    depthwise convs, channel shuffles and SE gates: the result is a valid model of the original's output shapes,
+    and the report names the scales it applied."""
+    from onnx_prune import prune
+
+    model = onnx.load(fixture_path(name))
+    feeds = feeds_for(model, seed=3, batch=4, samples=8)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    pruned, report = prune(model, ratio=0.5, method="prune", calib=str(calib), restore_variance=True,
+                           allocation="uniform", progress=False)
+    onnx.checker.check_model(pruned, full_check=True)
+    scales = [g["variance_scale"] for g in report.details["compensation"].values() if "variance_scale" in g]
+    assert scales and max(scales) > 1.0
+    for ours, theirs in zip(run(pruned, feeds[:1]), run(model, feeds[:1])):
+        assert ours.shape == theirs.shape
