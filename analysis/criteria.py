@@ -52,6 +52,18 @@ class FilterSet:
     weights_per_position: int = 0
     factor: np.ndarray | None = None  # per-position multiplier of the scores (|gamma| with bn_mode "gamma")
 
+    def by_channel(self, size: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(size, occurrences x features): each group channel's rows (`rows`, default `self.rows`, one per
+        position) side by side in position order where the layer holds the channel at several positions (a
+        grouped conv repeats it in every conv group); zeros for channels the layer does not touch."""
+        rows = self.rows if rows is None else rows
+        order = np.lexsort((self.positions, self.channels))
+        channels = self.channels[order]
+        slot = np.arange(len(channels)) - np.searchsorted(channels, channels)  # occurrence among its positions
+        block = np.zeros((size, int(slot.max(initial=0)) + 1, rows.shape[1]))
+        block[channels, slot] = rows[order]
+        return block.reshape(size, -1)
+
 
 # --- criteria: filters (n, d) -> score (n,)
 

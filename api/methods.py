@@ -29,19 +29,6 @@ from onnx_prune.passes.plan import GroupPlan, Plan
 from onnx_prune.runtime.cost import Cost
 
 
-
-def synthetic_hedge(source: str, max_ratio: float, target_kind: str | None) -> float | None:
-    """The share of a group that damage curves measured on synthetic images may remove for a MAC or parameter
-    target where --max-ratio is 1 (no limit): `passes.sensitivity.SYNTHETIC_MAX_REMOVED`, since those images
-    can hide damage real inputs show (the Fashion-MNIST SE-net's first convolutions and SE squeezes look free
-    on 1/f noise).  None: no hedge -- curves measured on --calib data, a --max-ratio below 1 given (it replaces
-    the hedge), or a ratio or latency target (whose reach the hedge could silently cut short)."""
-    from onnx_prune.passes.sensitivity import SYNTHETIC_MAX_REMOVED
-
-    if source != "synthetic" or max_ratio < 1.0 or target_kind not in ("macs", "params"):
-        return None
-    return SYNTHETIC_MAX_REMOVED
-
 @dataclass
 class MethodInput:
     """What a method reads: the prepared (normalised, analysed) model, the constraints, the options, and the
@@ -130,7 +117,7 @@ class MethodInput:
         chosen = {"allocation": {"used": allocation, "why": why}} if why else {}
         if allocation != "sensitivity" or constraints.target.kind is None:
             return allocator.counts_for(constraints.target, allocation), chosen
-        from onnx_prune.passes.sensitivity import damage_counts
+        from onnx_prune.passes.sensitivity import damage_counts, synthetic_hedge
 
         curves, source = self.damage_curves(allocator, select)
         hedge = synthetic_hedge(source, constraints.max_ratio, constraints.target.kind)
@@ -140,9 +127,10 @@ class MethodInput:
                                  make_allocator=lambda s: self.allocator(s, cap, max_ratio=max_ratio),
                                  extrapolate=True)
         counts = counts_with(hedge)
-        if hedge is not None and not allocator.reaches(counts, constraints.target):
+        missed = allocator.miss(counts, constraints.target) if hedge is not None else 0.0
+        if missed > 0:
             unhedged = counts_with(None)
-            if allocator.miss(unhedged, constraints.target) < allocator.miss(counts, constraints.target):
+            if allocator.miss(unhedged, constraints.target) < missed:
                 hedge, counts = None, unhedged  # the target needs deeper cuts than the hedge allows
         analysis = self.prepared.analysis
         return counts, {**chosen, "sensitivity": {
@@ -171,25 +159,32 @@ class MethodInput:
             progress(chosen[1])
         return chosen
 
-    def damage_curves(self, allocator: Allocator, select=None) -> tuple[dict, str]:
-        """Per shrinking group, the output damage of pruning it alone (`passes.sensitivity`), through this
-        method's selection, compensation and the rewrite; on the --calib data, else on synthetic images."""
-        from onnx_prune.passes.rewrite import ApplyPlanPass
-        from onnx_prune.passes.sensitivity import damage_inputs, selection_damage_curves
-        from onnx_prune.pipeline import compensated
+    def damage_feeds(self) -> tuple[list[dict], str]:
+        """(feeds, source) the damage curves are measured on: spread --calib samples ("calibration"), else
+        synthetic images at the model's input normalisation where --mean/--std tell it ("synthetic")."""
+        from onnx_prune.passes.sensitivity import damage_inputs
         from onnx_prune.runtime.data import Preprocessing
 
-        prepared, opts = self.prepared, self.opts
+        opts = self.opts
         try:
-            given = Preprocessing.of(mean=opts.mean, std=opts.std)  # the model's input normalisation, if told
+            given = Preprocessing.of(mean=opts.mean, std=opts.std)
             normalization = (given.mean, given.std) if given.mean and given.std else None
-            feeds, source = damage_inputs(prepared.model, self.calibration, seed=opts.seed,
-                                          normalization=normalization)
+            return damage_inputs(self.prepared.model, self.calibration, seed=opts.seed, normalization=normalization)
         except PruneError:
             raise
         except ValueError as err:  # e.g. an input size left open: nothing to synthesise
             raise PruneError(f"--allocation sensitivity cannot build inputs to measure damage on ({err}); "
                              "give --calib data") from None
+
+    def damage_curves(self, allocator: Allocator, select=None) -> tuple[dict, str]:
+        """Per shrinking group, the output damage of pruning it alone (`passes.sensitivity`), through this
+        method's selection, compensation and the rewrite, on `damage_feeds`."""
+        from onnx_prune.passes.rewrite import ApplyPlanPass
+        from onnx_prune.passes.sensitivity import selection_damage_curves
+        from onnx_prune.pipeline import compensated
+
+        prepared, opts = self.prepared, self.opts
+        feeds, source = self.damage_feeds()
 
         def pruned_model(plan: Plan):
             if opts.compensate:

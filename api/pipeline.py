@@ -434,11 +434,11 @@ def compensated(given, plan: Plan) -> tuple[Plan, dict]:
     for gid, st in given.statistics(sorted(plan.groups)).items():
         if st is None:
             continue
-        merging = plan.groups[gid].fold is not None or plan.groups[gid].merge is not None
+        merging = plan.groups[gid].merges
         stats[gid] = st if st.source in (trusted_merging if merging else trusted_pruning) else exact_only(st)
     scales = {}
     if given.opts.restore_variance:  # before compensate, which moves the scaled channels' means back
-        plan, scales = restore_variance(given.prepared, plan, stats)
+        plan, scales = restore_variance(given.prepared, plan, stats, bn_after=given.scoring.bn_after)
     plan = compensate(given.prepared, plan, stats)
     summary = compensation_summary(plan, stats, scales)
     return plan, {str(gid): entry for gid, entry in summary.items()}

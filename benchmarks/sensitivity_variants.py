@@ -191,11 +191,9 @@ def batchnorm_surrogate(model: onnx.ModelProto, feeds: list[dict]) -> onnx.Model
 
 def surrogate_damage_curves(self, allocator, select=None):
     """`MethodInput.damage_curves`, measured in the BatchNorm surrogate on the same synthetic images."""
-    from onnx_prune.runtime.data import Preprocessing
-
-    given = Preprocessing.of(mean=self.opts.mean, std=self.opts.std)
-    normalization = (given.mean, given.std) if given.mean and given.std else None
-    feeds, _ = sensitivity.damage_inputs(self.prepared.model, None, seed=self.opts.seed, normalization=normalization)
+    feeds, source = self.damage_feeds()
+    if source != "synthetic":
+        return LIBRARY["damage_curves"](self, allocator, select)
     surrogate = batchnorm_surrogate(self.prepared.model, feeds)
     if surrogate is None:
         return LIBRARY["damage_curves"](self, allocator, select)

@@ -271,9 +271,6 @@ class Allocator:
             return 0.0
         return max(0.0, abs(self.fraction(counts, target) - target.value) - target.value * TARGET_TOLERANCE)
 
-    def reaches(self, counts: dict[int, int], target: Target) -> bool:
-        return self.miss(counts, target) == 0.0
-
     def allocate(self, target: Target, allocation: str = "uniform", select=None) -> Plan:
         """The Plan for `target`: counts per group first (cheap), then `select` (default: the top scores) picks
         and folds the channels of each shrinking group once."""

@@ -44,13 +44,7 @@ def channel_features(group: Group, scoring: Scoring, roles: tuple[str, ...] = ("
     zeros."""
     producers, carriers = [], []
     for filters in filter_sets(group, scoring.weights, roles, scoring.bn_after):
-        order = np.lexsort((filters.positions, filters.channels))
-        channels = filters.channels[order]
-        starts = np.searchsorted(channels, channels)
-        slot = np.arange(len(channels)) - starts  # occurrence of the channel among its positions
-        block = np.zeros((group.size, int(slot.max()) + 1, filters.rows.shape[1]))
-        block[channels, slot] = filters.rows[order]
-        (carriers if filters.role == "carrier" else producers).append(block.reshape(group.size, -1))
+        (carriers if filters.role == "carrier" else producers).append(filters.by_channel(group.size))
     if not producers and not carriers:
         return np.zeros((group.size, 0))
     produced = np.hstack(producers) if producers else np.zeros((group.size, 0))

@@ -76,7 +76,7 @@ def compensate(prepared, plan: Plan, stats: dict[int, GroupStatistics]) -> Plan:
     out = Plan({})
     for gid, gplan in plan.groups.items():
         size = groups[gid].size
-        reduced = len(gplan.keep) < size or gplan.fold is not None or gplan.merge is not None
+        reduced = gplan.reduces(size)
         st = stats.get(gid)
         if not reduced or st is None or st.source == "none":
             out.groups[gid] = gplan
@@ -121,18 +121,8 @@ RESTORE_MERGES = True  # also groups whose plan merges (a fold or merge matrix),
 
 
 def _by_channel(layer, size: int) -> np.ndarray:
-    """(size, occurrences x features): each group channel's weight rows in one layer, side by side where the
-    layer reads a channel at several positions (a grouped conv tying its conv groups); no bias column.  Zero
-    rows for channels the layer does not see."""
-    rows = layer.rows[:, :-1]
-    occurrence = np.zeros(len(rows), dtype=np.int64)
-    seen: dict[int, int] = {}
-    for i, channel in enumerate(layer.channels.tolist()):
-        occurrence[i] = seen.get(channel, 0)
-        seen[channel] = occurrence[i] + 1
-    out = np.zeros((size, int(occurrence.max(initial=0)) + 1, rows.shape[1]))
-    out[layer.channels, occurrence] = rows
-    return out.reshape(size, -1)
+    """A layer's weight rows per group channel (`FilterSet.by_channel`), without the bias column."""
+    return layer.by_channel(size, layer.rows[:, :-1])
 
 
 def residual_fraction(layers_by_role: dict[str, list], fold: np.ndarray, merge: np.ndarray, size: int
@@ -202,21 +192,19 @@ def variance_scale(group, gplan: GroupPlan, st: GroupStatistics, weights, bn_aft
 
 
 def restore_variance(prepared, plan: Plan, stats: dict[int, GroupStatistics],
-                     sources: tuple[str, ...] | None = None, cap: float | None = None
-                     ) -> tuple[Plan, dict[int, float]]:
+                     sources: tuple[str, ...] | None = None, cap: float | None = None,
+                     bn_after: dict | None = None) -> tuple[Plan, dict[int, float]]:
     """`plan` with every reduced group's `fold` scaled by its `variance_scale` (fold = I[:, keep] for plain
     pruning), and the scales applied (groups left alone have none; a scale of 1 leaves the group's plan as
     it was).  Run `compensate` afterwards: it corrects the means the scaling moves.  The input plan is not
-    changed."""
+    changed.  `bn_after`: `analysis.criteria.batchnorm_after` of the prepared model, if the caller has it."""
     groups = prepared.analysis.groups
     weights = prepared.weights()
-    bn_after = batchnorm_after(prepared.model)
+    bn_after = batchnorm_after(prepared.model) if bn_after is None else bn_after
     out, scales = Plan({}), {}
     for gid, gplan in plan.groups.items():
         group, st = groups[gid], stats.get(gid)
-        reduced = len(gplan.keep) < group.size or gplan.fold is not None or gplan.merge is not None
-        merges = gplan.fold is not None or gplan.merge is not None
-        wanted = reduced and st is not None and (RESTORE_MERGES or not merges)
+        wanted = gplan.reduces(group.size) and st is not None and (RESTORE_MERGES or not gplan.merges)
         scale = variance_scale(group, gplan, st, weights, bn_after, sources, cap) if wanted else None
         out.groups[gid] = gplan
         if scale is None:

@@ -49,6 +49,15 @@ class GroupPlan:
         return self.consumer_shift.get(consumer, self.shift)
 
     @property
+    def merges(self) -> bool:
+        """Are removed channels folded into kept ones (a `fold` or `merge` matrix), not only dropped?"""
+        return self.fold is not None or self.merge is not None
+
+    def reduces(self, size: int) -> bool:
+        """Does the plan change a group of `size` channels (drop or merge any)?"""
+        return len(self.keep) < size or self.merges
+
+    @property
     def shifts(self) -> bool:
         return any(v is not None and np.any(v != 0) for v in [self.shift, *self.consumer_shift.values()])
 
@@ -58,7 +67,7 @@ class Plan:
     groups: dict[int, GroupPlan] = field(default_factory=dict)  # group id -> plan; absent = keep all
 
     def removes_anything(self, sizes: dict[int, int]) -> bool:
-        return any(len(p.keep) < sizes[g] or p.fold is not None or p.merge is not None or p.shifts
+        return any(p.reduces(sizes[g]) or p.shifts
                    for g, p in self.groups.items())
 
     def to_json(self) -> str:
