@@ -9,6 +9,8 @@ curve on 32 synthetic 1/f-noise images.  Each variant changes one thing, in this
 - ``cap-X``: no group loses more than X of its channels (``max_ratio``): a hedge against damage the synthetic
   images do not show (the Fashion-MNIST SE-net loses half of its first convolutions and its SE squeezes);
 - ``round-to-1``: channel-exact rounding instead of ``size`` steps;
+- ``told-normalisation``: ``--mean``/``--std`` given (the dataset's pixel statistics), so the synthetic images
+  are made at the model's input normalisation (without them: ImageNet's for 3 channels, standardised noise else);
 - ``seed-N``: other synthetic images (how stable is the allocation?); ``samples-N``: N images instead of 32;
 - ``dead-leaves``: occlusion images (random disks of random colours, radii ~ 1/r^3) instead of 1/f noise;
 - ``logit-mse``: damage as the squared error of the centred logits over their energy, instead of the KL of the
@@ -236,6 +238,20 @@ def use(variant: str, model_file: Path | None = None) -> dict:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
+def normalisation(model: str) -> dict:
+    """--mean/--std of `model`'s training data, as prune() keywords."""
+    use("default")
+    if model.startswith("fmnist_"):
+        import fashion_mnist
+
+        mean, std = (fashion_mnist.MEAN,), (fashion_mnist.STD,)
+    else:
+        import pretrained_models
+
+        mean, std = pretrained_models.INPUT_NORMALISATION[model]
+    return {"mean": ",".join(map(str, mean)), "std": ",".join(map(str, std))}
+
+
 def synthetic_calibration(path: Path, samples: int) -> str:
     """An .npz of `samples` synthetic 1/f images for the model at `path` (feeds of 32), in a temporary folder."""
     import tempfile
@@ -265,7 +281,7 @@ def main(argv=None) -> int:
             reference = pq.predict(path, data.x)
             for keep in [float(k) for k in args.keep.split(",")]:
                 for variant in args.variants.split(","):
-                    options = use(variant, path)
+                    options = use(variant, path) if variant != "told-normalisation" else normalisation(model)
                     start = time.time()
                     pruned, report = onnx_prune.prune(str(path), target_macs=keep, progress=False, **options)
                     row = {"model": model, "kind": kind, "keep": keep, "variant": variant,
